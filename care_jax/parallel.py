@@ -1,0 +1,43 @@
+"""Data parallelism: one `data` mesh axis over every device of every process.
+
+The batch is sharded along it and the state replicated; XLA inserts the gradient and
+BatchNorm reductions, so statistics are those of the global batch (SyncBN).
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def create_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if global_batch_size % n:
+    raise ValueError(
+        f"The global batch size {global_batch_size} does not divide over the {n} devices "
+        f"in use; set --config.global_batch_size to a multiple of {n} (e.g. "
+        f"{max(n, global_batch_size // n * n)}).")
+
+
+def host_to_global(mesh: Mesh, local_batch):
+  """Process-local numpy arrays -> global arrays sharded over the batch axis."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)
+
+
+def jit_train_step(step_fn, mesh: Mesh):
+  """jit with the state replicated and donated, the batch sharded, metrics replicated."""
+  return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,43 @@
+"""Builds the networks, optimiser, schedules and train step that a config describes."""
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import optax
+
+from care_jax.models import create_networks
+from care_jax.training import optimizers, schedules, state as state_lib
+from care_jax.training.train_step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  online_net: nn.Module
+  target_net: nn.Module
+  optimizer: optax.GradientTransformation
+  lr_fn: Callable
+  tau_fn: Callable
+  train_step: Callable  # (state, (view_1, view_2)) -> (state, metrics), not yet jitted
+  precision: str
+  image_size: int
+
+  def init_state(self, rng) -> state_lib.TrainState:
+    return state_lib.create(rng, self.online_net, self.optimizer, self.image_size,
+                            self.precision)
+
+
+def build(config, steps_per_epoch: int, total_steps: int) -> Pretraining:
+  if config.precision not in state_lib.PRECISIONS:
+    raise ValueError(f"precision must be one of {sorted(state_lib.PRECISIONS)}, got "
+                     f"{config.precision!r}.")
+  online_net, target_net = create_networks(config.model, config.data.image_size,
+                                           state_lib.PRECISIONS[config.precision])
+  optimizer = optimizers.create(config.optimizer)
+  lr_fn = schedules.learning_rate(config.optimizer.base_lr, config.global_batch_size,
+                                  int(config.optimizer.warmup_epochs * steps_per_epoch),
+                                  total_steps)
+  tau_fn = schedules.target_decay(config.base_tau, total_steps)
+  step = make_train_step(online_net=online_net, target_net=target_net, optimizer=optimizer,
+                         lr_fn=lr_fn, tau_fn=tau_fn, cross_weight=config.cross_weight)
+  return Pretraining(online_net, target_net, optimizer, lr_fn, tau_fn, step,
+                     config.precision, config.data.image_size)

@@ -1,0 +1,44 @@
+"""The whole training state as one pytree (what a checkpoint holds)."""
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax.training.dynamic_scale import DynamicScale
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  online_params: Any
+  online_stats: Any  # BatchNorm running statistics
+  target_params: Any
+  target_stats: Any
+  opt_state: Any
+  loss_scale: Optional[DynamicScale]  # float16 only
+  rng: jax.Array  # base key; each step folds in its step number
+
+
+def target_subtree(online_tree):
+  """The target network has everything the online one has except the predictors."""
+  return {k: v for k, v in online_tree.items() if not k.endswith("_predictor")}
+
+
+def create(rng, online_net, optimizer, image_size: int, precision: str) -> TrainState:
+  """Initial state; the target starts as a copy of the online network (spec)."""
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  variables = online_net.init(init_rng, dummy, train=False)
+  params, stats = variables["params"], variables["batch_stats"]
+  copy = lambda tree: jax.tree.map(jnp.copy, target_subtree(tree))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      online_params=params, online_stats=stats,
+      target_params=copy(params), target_stats=copy(stats),
+      opt_state=optimizer.init(params),
+      loss_scale=(DynamicScale(fin_steps=jnp.zeros((), jnp.int32),
+                               scale=jnp.asarray(2.0**16, jnp.float32))
+                  if precision == "float16" else None),
+      rng=state_rng)

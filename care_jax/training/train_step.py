@@ -1,0 +1,91 @@
+"""One CARE update: both views through both networks, the loss, SGD/LARS, the EMA target.
+
+`train_step` is pure: everything it needs is in the state or bound by `make_train_step`.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from care_jax import objectives
+from care_jax.models.layers import BN_MOMENTUM
+from care_jax.training.state import TrainState, target_subtree
+
+
+def apply_to_views(net, params, stats, views):
+  """Runs `net` on both views as separate BatchNorm batches, in one vmapped pass.
+
+  The release calls its encoder once per view, so each view is its own BN batch and the
+  running statistics are updated twice in a row. vmap gives the per-view statistics with a
+  single (smaller to compile, better batched) graph; the sequential running-average update
+  is then m * s_0 + s_1 - m * r, where s_i = m * r + (1 - m) * batch_i.
+  """
+
+  def one_view(x):
+    out, new = net.apply({"params": params, "batch_stats": stats}, x, train=True,
+                         mutable=["batch_stats"])
+    return out, new["batch_stats"]
+
+  outputs, per_view = jax.vmap(one_view)(views)
+  new_stats = jax.tree.map(lambda r, s: BN_MOMENTUM * s[0] + s[1] - BN_MOMENTUM * r,
+                           stats, per_view)
+  return outputs, new_stats
+
+
+def train_step(state: TrainState, views, *, online_net, target_net, optimizer, lr_fn, tau_fn,
+               cross_weight: float):
+  views = jnp.stack(views)  # [2, batch, H, W, C]
+  # The target sees the other view (spec, "Objective"): k_1 = target(x2), k_2 = target(x1).
+  target_out, target_stats = apply_to_views(target_net, state.target_params,
+                                            state.target_stats, views[::-1])
+  split = lambda out: ({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
+  target_1, target_2 = split(target_out)
+
+  def loss_fn(params):
+    online_out, online_stats = apply_to_views(online_net, params, state.online_stats, views)
+    out_1, out_2 = split(online_out)
+    loss, terms = objectives.care_loss(out_1, out_2, target_1, target_2, cross_weight)
+    return loss, (terms, online_stats)
+
+  if state.loss_scale is None:
+    (_, (terms, online_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.online_params)
+    loss_scale, finite = None, jnp.array(True)
+  else:
+    loss_scale, finite, (_, (terms, online_stats)), grads = state.loss_scale.value_and_grad(
+        loss_fn, has_aux=True)(state.online_params)
+
+  lr = lr_fn(state.step)
+  opt_state = state.opt_state._replace(hyperparams={
+      **state.opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
+  updates, opt_state = optimizer.update(grads, opt_state, state.online_params)
+  online_params = optax.apply_updates(state.online_params, updates)
+  # Target update with tau of the next step: the release updates the target at the start of
+  # iteration k+1 from the online weights after step k, with tau(k+1).
+  tau = tau_fn(state.step + 1)
+  target_params = optax.incremental_update(target_subtree(online_params), state.target_params,
+                                           1.0 - tau)
+
+  # An overflowed float16 step changes nothing but the loss scale (and the step counter, so
+  # the data stream and schedules stay on time).
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      online_params=keep(online_params, state.online_params),
+      online_stats=keep(online_stats, state.online_stats),
+      target_params=keep(target_params, state.target_params),
+      target_stats=keep(target_stats, state.target_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      loss_scale=loss_scale)
+  metrics = dict(terms, learning_rate=lr, tau=tau, grad_norm=optax.global_norm(grads),
+                 skipped_step=1 - finite.astype(jnp.int32))
+  if loss_scale is not None:
+    metrics["loss_scale"] = loss_scale.scale
+  return new_state, metrics
+
+
+def make_train_step(*, online_net, target_net, optimizer, lr_fn, tau_fn, cross_weight):
+  return functools.partial(train_step, online_net=online_net, target_net=target_net,
+                           optimizer=optimizer, lr_fn=lr_fn, tau_fn=tau_fn,
+                           cross_weight=cross_weight)
