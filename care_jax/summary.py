@@ -44,7 +44,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
-  state = jax.eval_shape(setup.init_state, jax.random.key(0))
+  state = setup.abstract_state()
   rows = parameter_counts(state)
   size = config.data.image_size
   arch = f"{config.model.arch}" + (f" {config.model.width}x" if config.model.width > 1 else "")

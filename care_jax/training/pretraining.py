@@ -3,11 +3,14 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import optax
 
 from care_jax.models import create_networks
 from care_jax.training import optimizers, schedules, state as state_lib
 from care_jax.training.train_step import make_train_step
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +24,21 @@ class Pretraining:
   precision: str
   image_size: int
 
-  def init_state(self, rng) -> state_lib.TrainState:
+  def abstract_state(self) -> state_lib.TrainState:
+    """Shapes and dtypes only: nothing is allocated."""
+    return jax.eval_shape(self._create, jax.random.key(0))
+
+  def init_state(self, rng, sharding=None) -> state_lib.TrainState:
+    """The initial state, placed with `sharding` (e.g. replicated over the mesh).
+
+    Compiled without XLA's backend optimisations: it runs once, and random initialisation
+    of every parameter otherwise takes several times longer to compile than to run.
+    """
+    init = jax.jit(self._create, out_shardings=sharding).lower(rng).compile(
+        compiler_options=FAST_COMPILE)
+    return init(rng)
+
+  def _create(self, rng):
     return state_lib.create(rng, self.online_net, self.optimizer, self.image_size,
                             self.precision)
 

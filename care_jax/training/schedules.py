@@ -10,9 +10,11 @@ def learning_rate(base_lr: float, global_batch_size: int, warmup_steps: int,
   """base_lr x batch/256, linear warm-up from 1e-6, then cosine to 0 at `total_steps`."""
   peak = base_lr * global_batch_size / 256
   warmup_steps = min(warmup_steps, total_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=1e-6, peak_value=peak, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+  # Written as init + slope * step (not optax.linear_schedule's end-relative form) so that
+  # step 0 gives exactly 1e-6 in float32.
+  warmup = lambda step: 1e-6 + (peak - 1e-6) * step / max(warmup_steps, 1)
+  cosine = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup_steps, 1))
+  return optax.join_schedules([warmup, cosine], boundaries=[warmup_steps])
 
 
 def target_decay(base_tau: float, total_steps: int) -> optax.Schedule:

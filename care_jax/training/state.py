@@ -18,7 +18,11 @@ class TrainState:
   target_stats: Any
   opt_state: Any
   loss_scale: Optional[DynamicScale]  # float16 only
-  rng: jax.Array  # base key; each step folds in its step number
+  rng: jax.Array  # raw key data (uint32, checkpointable); each step folds in its step
+
+  def step_key(self) -> jax.Array:
+    """The key for this step's randomness (augmentations): a function of (seed, step)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
 def target_subtree(online_tree):
@@ -41,4 +45,4 @@ def create(rng, online_net, optimizer, image_size: int, precision: str) -> Train
       loss_scale=(DynamicScale(fin_steps=jnp.zeros((), jnp.int32),
                                scale=jnp.asarray(2.0**16, jnp.float32))
                   if precision == "float16" else None),
-      rng=state_rng)
+      rng=jax.random.key_data(state_rng))

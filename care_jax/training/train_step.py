@@ -33,28 +33,40 @@ def apply_to_views(net, params, stats, views):
   return outputs, new_stats
 
 
+def _split_views(outputs):
+  return ({k: v[0] for k, v in outputs.items()}, {k: v[1] for k, v in outputs.items()})
+
+
+def care_objective(online_params, target_params, online_stats, target_stats, views, *,
+                   online_net, target_net, cross_weight: float):
+  """(loss, (terms, new online stats, new target stats)) for views [2, batch, H, W, C].
+
+  A function of both parameter sets so tests can show where gradients go; the train step
+  differentiates it with respect to the online parameters only.
+  """
+  # The target sees the other view (spec, "Objective"): k_1 = target(x2), k_2 = target(x1).
+  target_out, target_stats = apply_to_views(target_net, target_params, target_stats,
+                                            views[::-1])
+  online_out, online_stats = apply_to_views(online_net, online_params, online_stats, views)
+  (out_1, out_2), (target_1, target_2) = _split_views(online_out), _split_views(target_out)
+  loss, terms = objectives.care_loss(out_1, out_2, target_1, target_2, cross_weight)
+  return loss, (terms, online_stats, target_stats)
+
+
 def train_step(state: TrainState, views, *, online_net, target_net, optimizer, lr_fn, tau_fn,
                cross_weight: float):
-  views = jnp.stack(views)  # [2, batch, H, W, C]
-  # The target sees the other view (spec, "Objective"): k_1 = target(x2), k_2 = target(x1).
-  target_out, target_stats = apply_to_views(target_net, state.target_params,
-                                            state.target_stats, views[::-1])
-  split = lambda out: ({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
-  target_1, target_2 = split(target_out)
-
-  def loss_fn(params):
-    online_out, online_stats = apply_to_views(online_net, params, state.online_stats, views)
-    out_1, out_2 = split(online_out)
-    loss, terms = objectives.care_loss(out_1, out_2, target_1, target_2, cross_weight)
-    return loss, (terms, online_stats)
+  loss_fn = functools.partial(
+      care_objective, target_params=state.target_params, online_stats=state.online_stats,
+      target_stats=state.target_stats, views=jnp.stack(views), online_net=online_net,
+      target_net=target_net, cross_weight=cross_weight)
 
   if state.loss_scale is None:
-    (_, (terms, online_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.online_params)
+    (_, (terms, online_stats, target_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.online_params)
     loss_scale, finite = None, jnp.array(True)
   else:
-    loss_scale, finite, (_, (terms, online_stats)), grads = state.loss_scale.value_and_grad(
-        loss_fn, has_aux=True)(state.online_params)
+    loss_scale, finite, (_, (terms, online_stats, target_stats)), grads = (
+        state.loss_scale.value_and_grad(loss_fn, has_aux=True)(state.online_params))
 
   lr = lr_fn(state.step)
   opt_state = state.opt_state._replace(hyperparams={
