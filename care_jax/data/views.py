@@ -1,0 +1,149 @@
+"""Host side of the views: decode an encoded image, crop, resize and flip it, uint8 out.
+
+Only the geometric part of the augmentation runs here (spec "Augmentations": random
+resized crop and flip); colour, blur and solarisation run on the device (`augment`).
+
+Decoding is the cost that matters (about 1.3 ms for a 500x375 JPEG on one core, against
+0.15 ms for a bilinear resize), so each image is decoded once for both views, and at a
+reduced scale when both crops allow it: libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8
+size for little more than the cost of the smaller image. We measured the alternative of a
+fused decode-and-crop per view (tf.image.decode_and_crop_jpeg): two partial decodes cost
+more than one full decode on ImageNet-sized images (docs/data.md has the figures).
+
+Randomness is passed in (`np.random.Generator`), never global, so that the caller can
+make every view a pure function of (seed, step, example).
+"""
+import dataclasses
+import io
+import math
+
+import cv2
+import numpy as np
+import PIL.Image
+
+_ATTEMPTS = 10  # random resized crop: tries before falling back to a centre crop.
+_RATIO = (3 / 4, 4 / 3)  # aspect ratio range of the crop (spec).
+_DCT_SCALES = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+               4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientation is ignored, as TensorFlow's and PIL's decoders (and so the release) do.
+_CV2_FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
+# The pipeline decodes one image per thread; OpenCV's own threads would only compete.
+cv2.setNumThreads(1)
+
+
+class UndecodableImageError(ValueError):
+  """The bytes are not an image we can decode (empty, truncated, corrupt)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+  """A crop window in pixels of the full-size image."""
+  top: int
+  left: int
+  height: int
+  width: int
+
+
+def image_size(encoded: bytes) -> tuple[int, int]:
+  """(height, width) from the header alone: PIL reads it lazily, without decoding."""
+  try:
+    with PIL.Image.open(io.BytesIO(encoded)) as image:
+      width, height = image.size
+  except Exception as e:  # PIL raises several types for unreadable headers.
+    raise UndecodableImageError(f"unreadable image header ({len(encoded)} bytes): {e}") from e
+  if height < 1 or width < 1:
+    raise UndecodableImageError(f"image of size {width}x{height}")
+  return height, width
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            min_scale: float) -> Box:
+  """RandomResizedCrop's window (as torchvision samples it, spec "Augmentations").
+
+  Area fraction U(min_scale, 1), log aspect ratio U(log 3/4, log 4/3); up to ten tries to
+  fit the image, then the largest centred window with an allowed aspect ratio.
+  """
+  area = height * width
+  for _ in range(_ATTEMPTS):
+    target_area = area * rng.uniform(min_scale, 1.0)
+    ratio = math.exp(rng.uniform(math.log(_RATIO[0]), math.log(_RATIO[1])))
+    w = round(math.sqrt(target_area * ratio))
+    h = round(math.sqrt(target_area / ratio))
+    if 0 < w <= width and 0 < h <= height:
+      return Box(int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)),
+                 h, w)
+  ratio = width / height
+  if ratio < _RATIO[0]:
+    w, h = width, round(width / _RATIO[0])
+  elif ratio > _RATIO[1]:
+    w, h = round(height * _RATIO[1]), height
+  else:
+    w, h = width, height
+  h, w = max(1, min(h, height)), max(1, min(w, width))
+  return Box((height - h) // 2, (width - w) // 2, h, w)
+
+
+def centre_crop_box(height: int, width: int, crop_fraction: float = 224 / 256) -> Box:
+  """The validation window: resize to size/crop_fraction, centre crop size (spec).
+
+  Expressed as a crop of the original image (a centred square of side
+  crop_fraction * shorter side), so one resize does both steps.
+  """
+  side = max(1, round(min(height, width) * crop_fraction))
+  return Box((height - side) // 2, (width - side) // 2, side, side)
+
+
+def _dct_scale(boxes: list[Box], size: int) -> int:
+  """Largest JPEG DCT reduction that keeps every crop at least `size` pixels a side."""
+  smallest = min(min(b.height, b.width) for b in boxes)
+  scale = 1
+  while scale < 8 and smallest // (2 * scale) >= size:
+    scale *= 2
+  return scale
+
+
+def _decode_bgr(encoded: bytes, scale: int) -> np.ndarray:
+  """Decodes to a 3-channel BGR uint8 array, reduced by `scale` where the format allows.
+
+  OpenCV decodes JPEG (also CMYK and grayscale) and PNG straight into numpy and refuses
+  truncated data; whatever it refuses goes to PIL, which knows more formats and also
+  refuses truncated files. What neither decodes is undecodable.
+  """
+  try:
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _DCT_SCALES[scale] | _CV2_FLAGS)
+  except cv2.error:  # Raised for empty buffers, None returned for data it refuses.
+    image = None
+  if image is not None:
+    return image
+  try:
+    with PIL.Image.open(io.BytesIO(encoded)) as pil_image:
+      rgb = np.asarray(pil_image.convert("RGB"))
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data.
+    raise UndecodableImageError(f"cannot decode ({len(encoded)} bytes): {e}") from e
+  return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear (as the release); area averaging when shrinking over 2x, to avoid aliasing."""
+  shrink = max(image.shape[0], image.shape[1]) > 2 * size
+  interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+  return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def crop_views(encoded: bytes, boxes: list[Box], flips: list[bool], size: int,
+               full_size: tuple[int, int]) -> list[np.ndarray]:
+  """Decodes once, then for each box: crop, resize to size x size, flip. RGB uint8 out.
+
+  `full_size` is image_size(encoded); boxes are in its pixels.
+  """
+  image = _decode_bgr(encoded, _dct_scale(boxes, size))
+  sy, sx = image.shape[0] / full_size[0], image.shape[1] / full_size[1]
+  views = []
+  for box, flip in zip(boxes, flips):
+    top, left = int(box.top * sy), int(box.left * sx)
+    bottom = max(top + 1, min(image.shape[0], round((box.top + box.height) * sy)))
+    right = max(left + 1, min(image.shape[1], round((box.left + box.width) * sx)))
+    view = _resize(image[top:bottom, left:right], size)
+    view = cv2.cvtColor(view, cv2.COLOR_BGR2RGB)
+    views.append(cv2.flip(view, 1) if flip else view)
+  return views
