@@ -48,6 +48,7 @@ def paper_config() -> ml_collections.ConfigDict:
   c.linear_eval = ml_collections.ConfigDict(dict(
       pretrained_workdir=ml_collections.FieldReference(None, field_type=str),
       encoder="pretrained",  # or "random_init", "raw_pixels" (baselines)
+      augment=True,  # False: train on cached centre-view features (small datasets, fast)
       num_epochs=80, global_batch_size=256, base_lr=0.2, momentum=0.9, weight_decay=0.0,
       eval_every_epochs=10))
   return c
@@ -80,7 +81,8 @@ def _fmnist_demo(c):
   c.optimizer.update(name="lars", base_lr=1.0, weight_decay=1e-6, warmup_epochs=0)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
-  c.linear_eval.update(num_epochs=10, global_batch_size=256, base_lr=0.2, eval_every_epochs=5)
+  c.linear_eval.update(augment=False, num_epochs=30, global_batch_size=256, base_lr=0.2,
+                       eval_every_epochs=10)
 
 
 def _tiny(c):

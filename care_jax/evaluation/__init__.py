@@ -1,0 +1,1 @@
+"""Evaluation of pretrained encoders (linear probe)."""

@@ -1,0 +1,150 @@
+"""The pretraining program: data, train step, checkpoints and metrics put together.
+
+Everything a resumed run needs is in the checkpoint (the state pytree, whose step fixes the
+data stream, the schedules and the augmentation keys), so rerunning the same command after
+a crash or a preemption continues exactly where the last checkpoint left off.
+"""
+import contextlib
+import logging
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from care_jax import checkpointing, parallel
+from care_jax.data import augment, input_pipeline
+from care_jax.training import pretraining
+
+
+def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
+  """(steps per epoch, total steps): num_train_steps > 0 overrides num_epochs."""
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is larger than the "
+                     f"{num_train_examples} training examples; lower it.")
+  if config.num_train_steps > 0:
+    return steps_per_epoch, config.num_train_steps
+  return steps_per_epoch, int(config.num_epochs * steps_per_epoch)
+
+
+def make_step(setup: pretraining.Pretraining, mesh):
+  """Device-side augmentation and the train step, as one jitted function over the mesh."""
+
+  def step(state, batch):
+    x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
+    return setup.train_step(state, (x1, x2))
+
+  return parallel.jit_train_step(step, mesh)
+
+
+class _Preemption:
+  """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop."""
+
+  def __init__(self):
+    self.requested = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+  def reached(self, mgr, step: int) -> bool:
+    if jax.process_count() > 1:  # all processes must agree on the step to save at
+      return mgr.reached_preemption(step)
+    return self.requested.is_set()
+
+
+def pretrain(config, workdir: str) -> dict:
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.global_batch_size, mesh)
+  info = input_pipeline.dataset_info(config.data)
+  steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
+  setup = pretraining.build(config, steps_per_epoch, total_steps)
+  checkpointing.save_config(workdir, config)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  mgr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
+                              save_every=config.checkpoint_every_steps)
+  replicated = parallel.replicated(mesh)
+  if mgr.latest_step() is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        setup.abstract_state())
+    state = checkpointing.restore(mgr, abstract)
+    logging.info("Resumed from step %d of %d.", int(state.step), total_steps)
+  else:
+    state = setup.init_state(jax.random.key(config.seed), replicated)
+    logging.info("Starting from scratch: %d steps (%d per epoch, %d devices).", total_steps,
+                 steps_per_epoch, mesh.devices.size)
+  start_step = int(state.step)
+  if start_step >= total_steps:
+    logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, total_steps)
+    mgr.close()
+    return {}
+
+  batches = input_pipeline.pretrain_batches(
+      config.data, global_batch_size=config.global_batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  train_step = make_step(setup, mesh)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_secs=30)]
+  if config.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                          first_profile=start_step + config.log_every_steps))
+  preemption = _Preemption()
+  period = _Period(start_step)
+  metrics = {}
+  try:
+    for step in range(start_step, total_steps):
+      with period.waiting_for_data():
+        batch = next(batches)
+      period.skipped += batch.pop("num_skipped")
+      batch.pop("index")
+      state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      if done % config.log_every_steps == 0 or done == total_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update(period.summary(done, config.global_batch_size, steps_per_epoch))
+        writer.write_scalars(done, scalars)
+        metrics = scalars
+      saved = checkpointing.save(mgr, done, state, force=done == total_steps)
+      if done < total_steps and preemption.reached(mgr, done):
+        if not saved:
+          checkpointing.save(mgr, done, state, force=True)
+        mgr.wait_until_finished()
+        logging.warning("Preempted: saved the checkpoint of step %d; rerun the same command "
+                        "to resume.", done)
+        break
+  finally:
+    batches.close()
+    mgr.wait_until_finished()
+    mgr.close()
+    writer.flush()
+  return metrics
+
+
+class _Period:
+  """Throughput, input stall and skipped images since the last log line."""
+
+  def __init__(self, step: int):
+    self.start, self.step, self.waited, self.skipped = time.monotonic(), step, 0.0, 0
+
+  @contextlib.contextmanager
+  def waiting_for_data(self):
+    t = time.monotonic()
+    yield
+    self.waited += time.monotonic() - t
+
+  def summary(self, step: int, global_batch_size: int, steps_per_epoch: int) -> dict:
+    """The first period includes compilation, so its rate understates the steady state."""
+    now = time.monotonic()
+    elapsed = max(now - self.start, 1e-9)
+    out = {"images_per_sec": (step - self.step) * global_batch_size / elapsed,
+           "data_wait_fraction": self.waited / elapsed,
+           "skipped_images": float(self.skipped), "epoch": step / steps_per_epoch}
+    self.start, self.step, self.waited, self.skipped = now, step, 0.0, 0
+    return out
