@@ -30,3 +30,20 @@ def quick_jit(fn, *args):
   import jax
   from care_jax.training.pretraining import FAST_COMPILE
   return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+  """root/{train,test}/{cat,dog}/*.jpg: 32 + 8 small JPEGs per class."""
+  from care_jax.data import synthetic
+  root = tmp_path_factory.mktemp("images")
+  synthetic.write_image_folder(str(root), splits={"train": 32, "test": 8}, height=24, width=24)
+  return str(root)
+
+
+def tiny_run_args(image_folder: str, workdir, *extra: str) -> list:
+  """Command line of a tiny pretraining run on the image folder."""
+  import sys
+  return [sys.executable, "-m", "care_jax.main", "--config=configs/care.py:tiny",
+          f"--workdir={workdir}", "--config.data.name=image_folder",
+          f"--config.data.folder_root={image_folder}", *extra]

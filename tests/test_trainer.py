@@ -1,0 +1,120 @@
+"""The program: command line, errors, metrics, checkpoints, preemption and resumption."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from care_jax import checkpointing
+from care_jax.training import pretraining
+from tests.conftest import ROOT, load_config, tiny_run_args
+
+
+def run(args, timeout=300, **kwargs):
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        **kwargs)
+
+
+def test_missing_imagenet_exits_fast_with_instructions(tmp_path):
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  start = time.monotonic()
+  out = run([sys.executable, "-m", "care_jax.main", "--config=configs/care.py",
+             f"--workdir={tmp_path / 'w'}"], env=env, timeout=60)
+  assert out.returncode != 0
+  assert time.monotonic() - start < 30
+  assert "imagenet2012" in out.stderr and "python -m care_jax.data.prepare" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_unknown_config_field_lists_the_valid_ones(tmp_path):
+  out = run([sys.executable, "-m", "care_jax.main", "--config=configs/care.py:tiny",
+             f"--workdir={tmp_path}", "--config.global_bach_size=8"], timeout=60)
+  assert out.returncode != 0
+  assert "unknown config field(s) global_bach_size" in out.stderr
+  assert "global_batch_size" in out.stderr.split("Valid fields:")[1]
+  assert "Traceback" not in out.stderr
+
+
+def test_batch_that_does_not_divide_over_devices_is_a_clear_error(tmp_path, image_folder):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  out = run(tiny_run_args(image_folder, tmp_path), env=env, timeout=120)
+  assert out.returncode != 0
+  assert "global batch size 8 does not divide over the 3 devices" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_tensorboard_events_hold_the_training_scalars(tmp_path, image_folder):
+  from care_jax import train
+  config = load_config("tiny")
+  config.data.update(name="image_folder", folder_root=image_folder)
+  config.precision = "float16"  # adds the loss scale
+  train.pretrain(config, str(tmp_path))
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
+  wanted = {"loss", "c_loss", "t_loss", "cross_loss", "learning_rate", "tau", "grad_norm",
+            "images_per_sec", "data_wait_fraction", "skipped_images", "loss_scale",
+            "steps_per_sec"}
+  assert wanted <= tags, wanted - tags
+
+
+def final_state(workdir):
+  config = checkpointing.load_config(workdir)
+  setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
+  return jax.device_get(checkpointing.restore_from_workdir(workdir, setup.abstract_state()))
+
+
+def wait_for_checkpoint(workdir, process, at_least=2, timeout=240):
+  directory = pathlib.Path(workdir) / "checkpoints"
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()]
+    if steps and max(steps) >= at_least:
+      return max(steps)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    time.sleep(0.2)
+  raise AssertionError("no checkpoint appeared")
+
+
+LONG_RUN = ("--config.num_train_steps=12", "--config.checkpoint_every_steps=2",
+            "--config.log_every_steps=4")
+
+
+def test_sigkill_then_rerun_ends_bitwise_identical(tmp_path, image_folder):
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  out = run(tiny_run_args(image_folder, reference, *LONG_RUN))
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  process = subprocess.Popen(tiny_run_args(image_folder, killed, *LONG_RUN), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  killed_at = wait_for_checkpoint(killed, process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert killed_at < 12
+  out = run(tiny_run_args(image_folder, killed, *LONG_RUN))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from step" in out.stderr
+
+  a, b = final_state(reference), final_state(killed)
+  assert int(a.step) == int(b.step) == 12
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_at_the_step_reached_and_exits_cleanly(tmp_path, image_folder):
+  process = subprocess.Popen(tiny_run_args(image_folder, tmp_path, *LONG_RUN), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(tmp_path, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "Preempted: saved the checkpoint of step" in stderr
+  step = int(stderr.split("Preempted: saved the checkpoint of step ")[1].split(";")[0])
+  assert 2 <= step < 12
+  assert int(final_state(tmp_path).step) == step
