@@ -56,7 +56,13 @@ def restore(mgr: ocp.CheckpointManager, abstract_state, step=None):
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"No checkpoint in {mgr.directory}.")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  # Without a sharding, restore onto this process's first device: a checkpoint written on
+  # 8 GPUs must load on a laptop.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None) or local),
+      abstract_state)
   try:
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   except Exception as e:  # orbax raises many types for unreadable or mismatched files

@@ -47,3 +47,22 @@ def tiny_run_args(image_folder: str, workdir, *extra: str) -> list:
   return [sys.executable, "-m", "care_jax.main", "--config=configs/care.py:tiny",
           f"--workdir={workdir}", "--config.data.name=image_folder",
           f"--config.data.folder_root={image_folder}", *extra]
+
+
+STATE_PARTS = ("online_params", "online_stats", "target_params", "target_stats", "opt_state")
+
+
+def relative_differences(a, b) -> dict:
+  """||a - b|| / ||a|| for each part of two TrainStates.
+
+  Parts, not single leaves: the biases of Dense layers that feed a BatchNorm have a zero
+  true gradient, so their momentum buffers hold only rounding noise (~1e-7), which any
+  change of summation order (devices, processes) changes completely.
+  """
+  import jax
+  import numpy as np
+  flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                      for x in jax.tree.leaves(tree)])
+  return {part: float(np.linalg.norm(flat(getattr(a, part)) - flat(getattr(b, part)))
+                      / np.linalg.norm(flat(getattr(a, part))))
+          for part in STATE_PARTS}
