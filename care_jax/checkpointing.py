@@ -23,7 +23,8 @@ def checkpoint_dir(workdir) -> pathlib.Path:
 
 def manager(workdir, *, keep: int = 3, save_every: int = 1, read_only: bool = False):
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_every, read_only=read_only, create=not read_only,
+      save_interval_steps=0 if read_only else save_every, read_only=read_only,
+      create=not read_only,
       preservation_policy=ocp.checkpoint_managers.LatestN(keep))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state",))
@@ -68,7 +69,7 @@ def restore(mgr: ocp.CheckpointManager, abstract_state, step=None):
   except Exception as e:  # orbax raises many types for unreadable or mismatched files
     raise CheckpointError(
         f"Cannot restore checkpoint {step} from {mgr.directory}: {type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}. If it was written by another config "
+        f"{str(e).splitlines()[0].rstrip('.') if str(e) else ''}. If it was written by another config "
         "or an interrupted copy, move it away and resume from an earlier one.") from None
   return restored.state
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from care_jax import checkpointing, parallel
+from care_jax import parallel, pretrained
 from care_jax.data import augment, input_pipeline
 from care_jax.errors import UserError
 from care_jax.training import pretraining
@@ -48,16 +48,14 @@ def load_encoder(config):
     if not source:
       raise UserError("linear_eval.pretrained_workdir is not set: pass "
                       "--config.linear_eval.pretrained_workdir=<pretraining workdir>.")
-    model_config = checkpointing.load_config(source)
-    setup = pretraining.build(model_config, steps_per_epoch=1, total_steps=1)
-    state = checkpointing.restore_from_workdir(source, setup.abstract_state())
-    description = f"pretrained ({source}, step {int(state.step)})"
+    net, variables = pretrained.load(source)
+    description = f"pretrained ({source})"
   else:
     setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
     state = setup.init_state(jax.random.key(config.seed))
+    net = setup.online_net
+    variables = {"params": state.online_params, "batch_stats": state.online_stats}
     description = "random init"
-  variables = {"params": state.online_params, "batch_stats": state.online_stats}
-  net = setup.online_net
 
   def features(images):
     return net.apply(variables, augment.normalize(images), method=net.trunk_features)

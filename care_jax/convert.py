@@ -1,0 +1,156 @@
+"""Weights in and out of care_jax.
+
+    python -m care_jax.convert from-release CKPT --workdir DIR [--config-preset r50_100ep]
+    python -m care_jax.convert export DIR --format torchvision|detectron2 --out FILE
+
+`from-release` turns the authors' PyTorch checkpoint (`*_ckpt.pth.tar`) into a care_jax
+workdir: config.json (the preset's config) and one checkpoint at step 0 whose online and
+target networks (trunk, T-stream, heads, BatchNorm statistics) are the release's student
+and teacher. The optimiser state is fresh and the step is 0 because the release's SGD
+momentum is not carried over: the workdir is a set of weights to evaluate or start from,
+not a run to resume mid-schedule. The release's `start_epoch` is kept in
+`converted_from.json`.
+
+`export` writes the online trunk of a workdir's latest checkpoint for PyTorch: a
+torchvision ResNet state dict (`.pth`), or a Detectron2 backbone (`.pkl`) plus the
+Detectron2 options it needs (written as a YAML beside it and printed).
+
+Errors about the files (not a checkpoint, wrong network, missing or extra keys) are one
+line on stderr and exit status 1. torch is needed only to read or write `.pth` files
+(requirements-interop.txt).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import pickle
+import sys
+
+import jax
+from absl import logging as absl_logging
+
+from care_jax import checkpointing, pretrained
+from care_jax.interop import ConversionError, detectron2, release, torchvision
+from care_jax.models import create_networks
+from care_jax.training import pretraining
+
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "care.py"
+PROVENANCE = "converted_from.json"
+
+
+def preset_config(preset: str):
+  spec = importlib.util.spec_from_file_location("care_config", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    return module.get_config(preset)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+
+
+def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
+  """Writes the care_jax workdir `workdir` holding the release checkpoint's networks."""
+  if checkpointing.checkpoint_dir(workdir).exists():
+    raise ConversionError(f"{workdir} already holds checkpoints; convert into a new "
+                          "--workdir.")
+  config = preset_config(preset)
+  tensors, start_epoch = release.read_checkpoint(checkpoint)
+  setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
+  online_params, online_stats, target_params, target_stats = jax.device_put(
+      release.import_networks(tensors, setup.abstract_state(), str(checkpoint)))
+  del tensors  # the release's arrays: free them before a second copy of the networks
+  state = setup.init_state(jax.random.key(config.seed)).replace(
+      online_params=online_params, online_stats=online_stats,
+      target_params=target_params, target_stats=target_stats,
+      opt_state=setup.optimizer.init(online_params))
+  checkpointing.save_config(workdir, config)
+  with checkpointing.manager(workdir) as mgr:
+    checkpointing.save(mgr, 0, state, force=True)
+    mgr.wait_until_finished()
+  provenance = {"source": str(pathlib.Path(checkpoint).resolve()), "format": "CARE release",
+                "start_epoch": start_epoch, "config_preset": preset, "step": 0}
+  _write(pathlib.Path(workdir) / PROVENANCE, lambda f: json.dump(provenance, f, indent=2))
+  print(f"Wrote {workdir}: online and target networks of {checkpoint} "
+        f"(release epoch {start_epoch}) as step 0 of config {preset}.")
+
+
+def export(workdir, fmt: str, out) -> None:
+  """Writes the online trunk of `workdir` to `out` in format `fmt`."""
+  out = pathlib.Path(out)
+  if fmt == "detectron2" and out.suffix != ".pkl":
+    raise ConversionError(f"--out {out}: Detectron2 reads pickled weights only from files "
+                          "named *.pkl.")
+  config = checkpointing.load_config(workdir)
+  small_stem = create_networks(config.model, config.data.image_size)[0].trunk.small_stem
+  if fmt == "detectron2" and small_stem:
+    raise ConversionError(f"{workdir}'s trunk has the small stem (3x3 conv, no max-pool), "
+                          "which Detectron2's ResNet cannot build; export it as torchvision.")
+  _, variables = pretrained.load(workdir)
+  params, stats = variables["params"]["trunk"], variables["batch_stats"]["trunk"]
+  if fmt == "torchvision":
+    _save_torch(torchvision.export_trunk(params, stats), out)
+    print(f"Wrote {out}: the torchvision state dict of the online trunk, without `fc`. Load "
+          "it into torchvision's ResNet after `model.fc = torch.nn.Identity()`.")
+    if small_stem:
+      print("This trunk has the small stem (3x3 conv1, no max-pool): set `model.conv1` to "
+            "that conv and `model.maxpool = torch.nn.Identity()` first.")
+    return
+  _write(out, lambda f: pickle.dump(detectron2.checkpoint(params, stats), f), binary=True)
+  options = detectron2.options(config.model, str(out.resolve()))
+  options_file = out.with_suffix(".yaml")
+  _write(options_file, lambda f: f.write(detectron2.options_yaml(options)))
+  print(f"Wrote {out} (Detectron2 backbone) and {options_file} (the options it needs: merge "
+        "that file into your config, or append these to train_net.py's command line):")
+  print(detectron2.options_command_line(options))
+
+
+def _save_torch(tensors, out: pathlib.Path) -> None:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConversionError("Writing a .pth file needs torch: pip install -r "
+                          "requirements-interop.txt") from None
+  state = {key: torch.from_numpy(value) for key, value in tensors.items()}
+  _write(out, lambda f: torch.save(state, f), binary=True)
+
+
+def _write(path: pathlib.Path, write, binary: bool = False) -> None:
+  """Writes through a temporary file and renames it: a crash never leaves half a file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb" if binary else "w") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m care_jax.convert",
+                                   description=__doc__.split("\n\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  to_jax = commands.add_parser("from-release", help="release *_ckpt.pth.tar -> workdir")
+  to_jax.add_argument("checkpoint")
+  to_jax.add_argument("--workdir", required=True)
+  to_jax.add_argument("--config-preset", default="r50_100ep",
+                      help="configs/care.py preset of the checkpoint's network")
+  to_torch = commands.add_parser("export", help="workdir -> online trunk for PyTorch")
+  to_torch.add_argument("workdir")
+  to_torch.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
+  to_torch.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "from-release":
+      from_release(args.checkpoint, args.workdir, args.config_preset)
+    else:
+      export(args.workdir, args.format, args.out)
+  except (ConversionError, checkpointing.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  # Orbax notes routine things (e.g. that a restore opens the directory read-only) at
+  # WARNING level through absl; on the command line only care_jax's own messages remain.
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  sys.exit(main())

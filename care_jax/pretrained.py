@@ -1,0 +1,27 @@
+"""A pretrained CARE network from a care_jax workdir, ready to apply.
+
+    from care_jax import pretrained
+
+    network, variables = pretrained.load("runs/care_r50")   # or a converted release
+    out = network.apply(variables, images, train=False)       # images: [B, H, W, 3] float32
+    out["features"]  # [B, 2048] pooled layer4: what linear evaluation and transfer use
+    out["c"], out["t"]  # unit-norm C-stream and T-stream outputs (after the predictors)
+
+Images are RGB, normalised with the ImageNet mean/std, as in pretraining. The network is
+the online one (the release's student), in eval mode with its BatchNorm running statistics;
+`network.trunk_features` (through `network.apply(..., method=...)`) skips the two streams.
+The workdir's config.json says which network to build, so nothing else is needed.
+"""
+from care_jax import checkpointing
+from care_jax.training import pretraining
+
+
+def load(workdir, step=None):
+  """(online CareNetwork, {"params", "batch_stats"}) of the latest (or given) checkpoint.
+
+  Raises checkpointing.CheckpointError when `workdir` holds no usable checkpoint.
+  """
+  config = checkpointing.load_config(workdir)
+  setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
+  state = checkpointing.restore_from_workdir(workdir, setup.abstract_state(), step)
+  return setup.online_net, {"params": state.online_params, "batch_stats": state.online_stats}
