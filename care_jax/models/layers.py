@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from care_jax.models import cpu_conv
+
 # Kaiming-normal (untruncated), fan_out, ReLU gain: the release's init for every conv.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -39,7 +41,8 @@ def batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
                       dtype=dtype, name=name)
 
 
-conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
+                         conv_general_dilated=cpu_conv.conv_general_dilated)
 
 
 def dense(features: int, fan_in: int, dtype, name: str) -> nn.Dense:
