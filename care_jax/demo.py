@@ -11,7 +11,7 @@ import time
 
 from absl import app, flags
 
-from care_jax import errors, main as entry
+from care_jax import cli, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
 _STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the preset's pretraining "
@@ -63,7 +63,7 @@ def run_demo(workdir: pathlib.Path, pretrain_steps=None) -> dict:
 
 def main(argv):
   del argv
-  entry.configure_logging()
+  cli.configure_logging()
   try:
     run_demo(pathlib.Path(_WORKDIR.value), _STEPS.value)
   except errors.USER_ERRORS as e:

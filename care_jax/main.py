@@ -5,14 +5,13 @@
 Rerunning the same command resumes from the latest checkpoint in DIR.
 """
 import importlib.util
-import logging
 import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from care_jax import errors
+from care_jax import cli, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/care.py",
                                           "Config file, optionally with :preset.")
@@ -71,22 +70,12 @@ def parse_flags(argv):
     sys.exit(f"error: {reason}")
 
 
-def configure_logging():
-  """INFO for care_jax and the metric lines; orbax's and JAX's chatter only from WARNING."""
-  absl_logger = logging.getLogger("absl")
-  absl_logger.setLevel(logging.INFO)
-  quiet = ("/orbax/", "/jax/_src/")
-  absl_logger.addFilter(lambda r: r.levelno >= logging.WARNING
-                        or not any(q in r.pathname for q in quiet))
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and metrics go.")
-  configure_logging()
+  cli.configure_logging()
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except errors.USER_ERRORS as e:

@@ -124,11 +124,11 @@ def evaluate(config, workdir: str) -> dict:
       for feats, labels, mask in eval_features:
         counts += np.asarray(eval_counts(state, feats, labels, mask))
     else:
-      for batch in _eval_batches(config, lin.global_batch_size):
+      for batch in _eval_batches(config.data, lin.global_batch_size):
         feats = features_fn(to_global(batch["image"]))
         counts += np.asarray(eval_counts(state, feats, *to_global((batch["label"],
                                                                    batch["mask"]))))
-    return counts[0] / counts[2], counts[1] / counts[2]
+    return counts[0] / counts[2], counts[1] / counts[2], int(counts[2])
 
   eval_features = None
   if not lin.augment:
@@ -154,8 +154,8 @@ def evaluate(config, workdir: str) -> dict:
         idx = order[i * lin.global_batch_size:(i + 1) * lin.global_batch_size]
         state, loss = train_step(state, *to_global((train_feats[idx], train_labels[idx])))
     if epoch == lin.num_epochs or epoch % lin.eval_every_epochs == 0:
-      top1, top5 = evaluate_head(state, eval_features)
-      history.append({"epoch": epoch, "top1": top1, "top5": top5})
+      top1, top5, examples = evaluate_head(state, eval_features)
+      history.append({"epoch": epoch, "top1": top1, "top5": top5, "examples": examples})
       elapsed = time.monotonic() - start
       logging.info("linear eval epoch %d/%d: loss %.3f, top-1 %.4f, top-5 %.4f (%.0fs, ETA "
                    "%.0fs)", epoch, lin.num_epochs, float(loss), top1, top5, elapsed,
@@ -176,14 +176,14 @@ def evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _eval_batches(config, global_batch_size):
+def _eval_batches(data_config, global_batch_size):
   return input_pipeline.eval_batches(
-      config.data, split="eval", global_batch_size=global_batch_size,
+      data_config, split="eval", global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _cached_eval(config, features_fn, to_global, global_batch_size):
-  for batch in _eval_batches(config, global_batch_size):
+  for batch in _eval_batches(config.data, global_batch_size):
     yield (features_fn(to_global(batch["image"])),
            *to_global((batch["label"], batch["mask"])))
 
