@@ -1,6 +1,9 @@
 """Benchmarks, one subcommand each; the last line printed is a JSON object of the figures.
 
   python -m care_jax.bench input --images=DIR   host side of the pretraining input pipeline
+  python -m care_jax.bench step [--preset=r50_100ep --batch_per_device=128 --precision=...]
+                                                 the jitted train step on synthetic crops,
+                                                 next to the same step without the T-stream
 
 Each subcommand imports what it needs when it runs, so one benchmark's dependencies do not
 slow down or break another.
@@ -69,6 +72,78 @@ def bench_input(args) -> dict:
           "opencv": cv2.__version__, "pillow": PIL.__version__, **machine_info()}
 
 
+def bench_step(args) -> dict:
+  """Median time of the jitted step (device augmentation + train step) on synthetic uint8
+  crops, and the same with no T-stream blocks (the T-head on pooled layer3: about the
+  cost of plain BYOL plus one head),
+  measured in the same process. Imports no tensorflow or tfds: runs on a bare GPU box."""
+  import importlib.util
+
+  import jax
+  import numpy as np
+
+  from care_jax import parallel, summary
+  from care_jax.data import augment
+  from care_jax.training import pretraining
+
+  spec = importlib.util.spec_from_file_location(
+      "care_config", os.path.join(os.path.dirname(__file__), "..", "configs", "care.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  mesh = parallel.create_mesh()
+  devices = mesh.devices.size
+
+  def measure(t_blocks):
+    config = module.get_config(args.preset)
+    config.precision = args.precision
+    config.global_batch_size = args.batch_per_device * devices
+    if args.image_size:
+      config.data.image_size = args.image_size
+    if t_blocks is not None:
+      config.model.t_stream.num_blocks = t_blocks
+    setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100000)
+    state = setup.init_state(jax.random.key(0), parallel.replicated(mesh))
+
+    def step(state, batch):
+      x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
+      return setup.train_step(state, (x1, x2))
+
+    size = config.data.image_size
+    crops = np.random.default_rng(0).integers(
+        0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
+    batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
+    train_step = parallel.jit_train_step(step, mesh)
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.warmup + args.steps):
+      start = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    median = float(np.median(times[args.warmup:]))
+    stats = jax.local_devices()[0].memory_stats() or {}
+    flops = summary.train_step_flops(setup, setup.abstract_state())
+    return {"step_seconds_median": round(median, 4),
+            "image_pairs_per_sec": round(config.global_batch_size / median, 1),
+            "first_step_seconds": round(compile_seconds, 1),
+            "flops_per_image_pair": flops,
+            "achieved_tflops": round(flops * config.global_batch_size / median / 1e12, 3),
+            "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
+
+  care = measure(None)
+  without_t = measure(0)
+  return {"benchmark": "step", "preset": args.preset, "precision": args.precision,
+          "devices": devices, "device": jax.devices()[0].device_kind,
+          "batch_per_device": args.batch_per_device, "care": care,
+          "without_t_stream": without_t,
+          "t_stream_share_of_step": round(1 - without_t["step_seconds_median"]
+                                          / care["step_seconds_median"], 3),
+          "jax": jax.__version__, **machine_info()}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m care_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +159,16 @@ def main(argv=None) -> None:
   p.add_argument("--batch_size", type=int, default=128)
   p.add_argument("--num_images", type=int, default=2048, help="images to time")
   p.set_defaults(run=bench_input)
+
+  p = commands.add_parser("step", help="the jitted train step, with and without the T-stream blocks")
+  p.add_argument("--preset", default="r50_100ep", help="a preset of configs/care.py")
+  p.add_argument("--precision", default="float32",
+                 choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--batch_per_device", type=int, default=128)
+  p.add_argument("--image_size", type=int, default=0, help="0: the preset's")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  p.set_defaults(run=bench_step)
 
   args = parser.parse_args(argv)
   result = args.run(args)
