@@ -41,11 +41,16 @@ def make_step(setup: pretraining.Pretraining, mesh):
 
 
 class _Preemption:
-  """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop."""
+  """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop.
+
+  With several processes, jax.distributed's own SIGTERM notifier (which orbax's
+  reached_preemption asks, so that all processes stop at the same step) must keep the
+  signal: a Python handler would replace it.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
 
   def reached(self, mgr, step: int) -> bool:
