@@ -63,8 +63,9 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, image_folde
   assert int(a.step) == int(b.step) == 2
   np.testing.assert_array_equal(a.rng, b.rng)
   differences = relative_differences(a, b)
-  # Weights, BN statistics and target agree to float32 rounding. The momentum buffers are
-  # raw gradient sums (norm ~150 in this tiny net with lambda = 100), summed by gloo across
-  # processes in another order than XLA within one: ~1e-5, so they get 1e-4.
+  # Weights, BN statistics and target agree to float32 rounding (<= 1e-5). The momentum
+  # buffers are raw gradient sums of this tiny net (norm ~150 with lambda = 100, BN over 8
+  # images), summed by gloo across processes in another order than XLA within one; they
+  # differed by 1.2e-5 to 1.8e-4 over runs here, so they get 1e-3.
   assert max(v for k, v in differences.items() if k != "opt_state") <= 1e-5, differences
-  assert differences["opt_state"] <= 1e-4, differences
+  assert differences["opt_state"] <= 1e-3, differences
