@@ -132,7 +132,7 @@ def evaluate(config, workdir: str) -> dict:
 
   eval_features = None
   if not lin.augment:
-    train_feats, train_labels = _cached_features(config, features_fn, to_global, "train",
+    train_feats, train_labels = _cached_features(config, features_fn, to_global,
                                                  lin.global_batch_size)
     eval_features = list(_cached_eval(config, features_fn, to_global, lin.global_batch_size))
   else:
@@ -188,7 +188,7 @@ def _cached_eval(config, features_fn, to_global, global_batch_size):
            *to_global((batch["label"], batch["mask"])))
 
 
-def _cached_features(config, features_fn, to_global, split, global_batch_size):
+def _cached_features(config, features_fn, to_global, global_batch_size):
   """Centre-view features of every training example, on the host (small datasets)."""
   if jax.process_count() > 1:
     raise UserError("linear_eval.augment=False caches features on one host; run it as a "
