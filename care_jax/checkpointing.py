@@ -12,8 +12,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from care_jax.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError):
   """A checkpoint or workdir that cannot be used; the message says what to do."""
 
 

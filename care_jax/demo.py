@@ -66,7 +66,7 @@ def main(argv):
   cli.configure_logging()
   try:
     run_demo(pathlib.Path(_WORKDIR.value), _STEPS.value)
-  except errors.USER_ERRORS as e:
+  except errors.UserError as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
 

@@ -78,7 +78,7 @@ def main(argv):
   cli.configure_logging()
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except errors.USER_ERRORS as e:
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from care_jax.errors import UserError
+
 
 def create_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
@@ -24,7 +26,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(
+    raise UserError(
         f"The global batch size {global_batch_size} does not divide over the {n} devices "
         f"in use; set --config.global_batch_size to a multiple of {n} (e.g. "
         f"{max(n, global_batch_size // n * n)}).")

@@ -16,6 +16,7 @@ from clu import metric_writers, periodic_actions
 
 from care_jax import checkpointing, parallel
 from care_jax.data import augment, input_pipeline
+from care_jax.errors import UserError
 from care_jax.training import pretraining
 
 
@@ -23,8 +24,8 @@ def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
   """(steps per epoch, total steps): num_train_steps > 0 overrides num_epochs."""
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
   if steps_per_epoch < 1:
-    raise ValueError(f"global_batch_size {config.global_batch_size} is larger than the "
-                     f"{num_train_examples} training examples; lower it.")
+    raise UserError(f"global_batch_size {config.global_batch_size} is larger than the "
+                    f"{num_train_examples} training examples; lower it.")
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(config.num_epochs * steps_per_epoch)

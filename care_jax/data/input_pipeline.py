@@ -26,6 +26,7 @@ import numpy as np
 
 from care_jax.data import sources, views
 from care_jax.data.errors import DataError
+from care_jax.errors import UserError
 
 _PERMUTATION_STREAM, _VIEW_STREAM, _REPLACEMENT_STREAM = 0, 1, 2
 _MAX_ATTEMPTS = 16  # Undecodable examples in a row before we call the dataset broken.
@@ -58,8 +59,8 @@ class _EpochOrder:
 def _process_slots(global_batch_size: int, process_index: int, process_count: int) -> range:
   """This process's contiguous part of the slots 0..B-1 of every global batch."""
   if global_batch_size % process_count:
-    raise ValueError(f"The global batch size {global_batch_size} must be divisible by the "
-                     f"number of processes {process_count}.")
+    raise UserError(f"The global batch size {global_batch_size} must be divisible by the "
+                    f"number of processes {process_count}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   per_process = global_batch_size // process_count
@@ -68,8 +69,8 @@ def _process_slots(global_batch_size: int, process_index: int, process_count: in
 
 def _check_fits(source: sources.Source, global_batch_size: int) -> None:
   if global_batch_size > len(source):
-    raise ValueError(f"The global batch size {global_batch_size} is larger than the dataset "
-                     f"({len(source)} examples).")
+    raise UserError(f"The global batch size {global_batch_size} is larger than the dataset "
+                    f"({len(source)} examples).")
 
 
 def _num_workers(config) -> int:
@@ -145,7 +146,7 @@ def random_view_batches(source: sources.Source, *, num_views: int, image_size: i
   The common engine of pretraining, linear-evaluation training and the input benchmark.
   """
   if seed < 0:
-    raise ValueError(f"seed must be >= 0, got {seed}.")
+    raise UserError(f"seed must be >= 0, got {seed}.")
   slots = _process_slots(global_batch_size, process_index, process_count)
   _check_fits(source, global_batch_size)
   order = _EpochOrder(len(source), global_batch_size, seed)

@@ -9,6 +9,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from care_jax.errors import UserError
 from care_jax.models import resnet as resnet_lib
 from care_jax.models.layers import batch_norm, dense
 from care_jax.models.t_stream import TStream
@@ -67,8 +68,8 @@ def create_networks(model_config, image_size: int, dtype=jnp.float32):
   small_stem = {"small": True, "imagenet": False,
                 "auto": image_size <= 64}.get(model_config.stem)
   if small_stem is None:
-    raise ValueError(f"model.stem must be 'auto', 'small' or 'imagenet', got "
-                     f"{model_config.stem!r}.")
+    raise UserError(f"model.stem must be 'auto', 'small' or 'imagenet', got "
+                    f"{model_config.stem!r}.")
   trunk = resnet_lib.resnet(model_config.arch, width_multiplier=model_config.width,
                             channels=model_config.channels, small_stem=small_stem,
                             dtype=dtype)

@@ -8,6 +8,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from care_jax.errors import UserError
 from care_jax.models.layers import batch_norm, conv
 
 # name -> (block type, blocks per stage)
@@ -108,9 +109,9 @@ class ResNet(nn.Module):
 
 def resnet(arch: str, **kwargs) -> ResNet:
   if arch not in ARCHITECTURES:
-    raise ValueError(f"Unknown trunk {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    raise UserError(f"Unknown trunk {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
   block, stage_sizes = ARCHITECTURES[arch]
   if block == "basic" and kwargs.get("width_multiplier", 1) != 1:
-    raise ValueError(f"{arch} has basic blocks, which have no width multiplier; use "
-                     "resnet50/101/152 for a wide trunk.")
+    raise UserError(f"{arch} has basic blocks, which have no width multiplier; use "
+                    "resnet50/101/152 for a wide trunk.")
   return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)

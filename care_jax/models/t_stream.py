@@ -6,6 +6,7 @@ the block actually sees, so any input resolution works (the release asserts 14x1
 import flax.linen as nn
 import jax.numpy as jnp
 
+from care_jax.errors import UserError
 from care_jax.models.layers import batch_norm, conv
 
 
@@ -49,8 +50,8 @@ class MultiHeadSelfAttention(nn.Module):
       along_h = _relative_logits_1d(qh.transpose(0, 1, 3, 2, 4), rel_h)  # [b, heads, y, x, i]
       logits = logits + along_w[:, :, :, :, None, :] + along_h.transpose(0, 1, 3, 2, 4)[..., None]
     else:
-      raise ValueError(f"position_embedding must be 'absolute' or 'relative', got "
-                       f"{self.position_embedding!r}.")
+      raise UserError(f"position_embedding must be 'absolute' or 'relative', got "
+                      f"{self.position_embedding!r}.")
 
     attn = nn.softmax(logits.reshape(b, self.heads, h, w, h * w).astype(jnp.float32), axis=-1)
     attn = attn.astype(self.dtype).reshape(logits.shape)

@@ -4,6 +4,8 @@ schedule."""
 import jax
 import optax
 
+from care_jax.errors import UserError
+
 
 def decay_and_adapt(params):
   """BYOL's predicate: biases and BatchNorm parameters get neither weight decay nor the
@@ -25,5 +27,5 @@ def create(optimizer_config) -> optax.GradientTransformation:
         weight_decay_mask=decay_and_adapt, trust_ratio_mask=decay_and_adapt,
         momentum=optimizer_config.momentum)
   else:
-    raise ValueError(f"optimizer.name must be 'sgd' or 'lars', got {name!r}.")
+    raise UserError(f"optimizer.name must be 'sgd' or 'lars', got {name!r}.")
   return optax.inject_hyperparams(make)(learning_rate=0.0)

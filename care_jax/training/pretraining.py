@@ -7,6 +7,7 @@ import jax
 import optax
 
 from care_jax.models import create_networks
+from care_jax.errors import UserError
 from care_jax.training import optimizers, schedules, state as state_lib
 from care_jax.training.train_step import make_train_step
 
@@ -45,8 +46,8 @@ class Pretraining:
 
 def build(config, steps_per_epoch: int, total_steps: int) -> Pretraining:
   if config.precision not in state_lib.PRECISIONS:
-    raise ValueError(f"precision must be one of {sorted(state_lib.PRECISIONS)}, got "
-                     f"{config.precision!r}.")
+    raise UserError(f"precision must be one of {sorted(state_lib.PRECISIONS)}, got "
+                    f"{config.precision!r}.")
   online_net, target_net = create_networks(config.model, config.data.image_size,
                                            state_lib.PRECISIONS[config.precision])
   optimizer = optimizers.create(config.optimizer)
