@@ -41,6 +41,40 @@ def save_config(workdir, config) -> None:
     tmp.replace(path)
 
 
+# Fields that do not change what a run computes, so a resumed run may set them differently.
+RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                     "profile_steps", "distributed", "data.data_dir", "data.folder_root",
+                     "data.num_workers", "linear_eval")
+
+
+def check_same_run(workdir, config) -> None:
+  """Refuses to resume a run under a config that would compute something else.
+
+  A checkpoint holds the state, not the settings that produced it: resuming with another
+  learning rate, batch size or schedule length would silently splice two different runs.
+  """
+  saved = _flatten(load_config(workdir).to_dict())
+  current = _flatten(json.loads(config.to_json()))
+  changed = sorted(k for k in saved.keys() | current.keys()
+                   if saved.get(k) != current.get(k)
+                   and not any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES))
+  if changed:
+    details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    raise CheckpointError(
+        f"{workdir} holds a run with other settings ({details}). Rerun with the same "
+        f"settings to resume it, or pass a new --workdir to start another run.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():

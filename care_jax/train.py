@@ -67,11 +67,13 @@ def pretrain(config, workdir: str) -> dict:
   info = input_pipeline.dataset_info(config.data)
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
   setup = pretraining.build(config, steps_per_epoch, total_steps)
+  mgr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
+                              save_every=config.checkpoint_every_steps)
+  if mgr.latest_step() is not None:
+    checkpointing.check_same_run(workdir, config)
   checkpointing.save_config(workdir, config)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  mgr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
-                              save_every=config.checkpoint_every_steps)
   replicated = parallel.replicated(mesh)
   if mgr.latest_step() is not None:
     abstract = jax.tree.map(

@@ -119,6 +119,25 @@ def test_sigterm_saves_at_the_step_reached_and_exits_cleanly(tmp_path, image_fol
   assert 2 <= step < 12
   assert int(final_state(tmp_path).step) == step
 
+  # Resuming under settings that change the computation is refused, and nothing is lost.
+  out = run(tiny_run_args(image_folder, tmp_path, *LONG_RUN, "--config.optimizer.base_lr=0.1"),
+            timeout=120)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "optimizer.base_lr: 0.05 -> 0.1" in out.stderr and "Traceback" not in out.stderr
+  assert int(final_state(tmp_path).step) == step
+  assert '"base_lr": 0.05' in (tmp_path / "config.json").read_text()
+
+
+def test_resume_check_allows_only_bookkeeping_changes(tmp_path):
+  config = load_config("tiny")
+  checkpointing.save_config(tmp_path, config)
+  config.log_every_steps, config.data.num_workers = 7, 3  # do not change the run
+  checkpointing.check_same_run(tmp_path, config)
+  config.global_batch_size, config.model.t_stream.heads = 16, 1
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"global_batch_size: 8 -> 16; model.t_stream.heads: 2 -> 1"):
+    checkpointing.check_same_run(tmp_path, config)
+
 
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory, image_folder):
