@@ -7,6 +7,7 @@ pixels themselves ("raw_pixels"). With linear_eval.augment the head trains on ra
 resized crops + flips through the frozen trunk, as the release does; without it, features
 of the centre views are computed once and the head trains on them (fast: the demo's way).
 """
+import functools
 import json
 import logging
 import pathlib
@@ -15,15 +16,18 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from care_jax import parallel, pretrained
-from care_jax.data import augment, input_pipeline
+from care_jax.data import augment, input_pipeline, sources
 from care_jax.errors import UserError
 from care_jax.training import pretraining
 
 ENCODERS = ("pretrained", "random_init", "raw_pixels")
+_FEATURE_BATCH = 1024  # images per forward pass when features are cached
+_CACHE_BYTES = 2**31  # decoded splits up to this size stay in memory (see _centre_view_chunks)
 
 
 class LinearHead(nn.Module):
@@ -132,9 +136,11 @@ def evaluate(config, workdir: str) -> dict:
 
   eval_features = None
   if not lin.augment:
-    train_feats, train_labels = _cached_features(config, features_fn, to_global,
-                                                 lin.global_batch_size)
-    eval_features = list(_cached_eval(config, features_fn, to_global, lin.global_batch_size))
+    train_feats, train_labels = _cached_split(config, features_fn, to_global,
+                                              config.data.train_split)
+    eval_features = [to_global(b) for b in _padded_batches(
+        *_cached_split(config, features_fn, to_global, config.data.eval_split),
+        lin.global_batch_size)]
   else:
     batches = input_pipeline.eval_batches(
         config.data, split="train", global_batch_size=lin.global_batch_size, seed=config.seed,
@@ -182,22 +188,51 @@ def _eval_batches(data_config, global_batch_size):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _cached_eval(config, features_fn, to_global, global_batch_size):
-  for batch in _eval_batches(config.data, global_batch_size):
-    yield (features_fn(to_global(batch["image"])),
-           *to_global((batch["label"], batch["mask"])))
+def _centre_view_chunks(config, split_name: str):
+  """(uint8 images, labels) chunks of a split's decodable centre views, in order.
+
+  A split whose decoded views fit in _CACHE_BYTES is decoded once per process: the demo
+  probes three encoders on the same images, and decoding them was a third of a probe's
+  time on a small CPU. Larger splits (ImageNet) are streamed.
+  """
+  data = config.data.copy_and_resolve_references()
+  data.eval_split = split_name  # one ordered pass over that split
+  num_bytes = len(sources.open_source(data, split_name)) * data.image_size**2 * 3
+  if num_bytes <= _CACHE_BYTES:
+    yield _decoded_split(data.to_json())
+  else:
+    for batch in _eval_batches(data, _FEATURE_BATCH):
+      yield batch["image"][batch["mask"]], batch["label"][batch["mask"]]
 
 
-def _cached_features(config, features_fn, to_global, global_batch_size):
-  """Centre-view features of every training example, on the host (small datasets)."""
+@functools.lru_cache(maxsize=2)
+def _decoded_split(data_json: str):
+  data = ml_collections.ConfigDict(json.loads(data_json))
+  chunks = [(b["image"][b["mask"]], b["label"][b["mask"]])
+            for b in _eval_batches(data, _FEATURE_BATCH)]
+  return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+def _cached_split(config, features_fn, to_global, split_name: str):
+  """(features [N, D] float32, labels [N]) of a split's centre views, on the host."""
   if jax.process_count() > 1:
     raise UserError("linear_eval.augment=False caches features on one host; run it as a "
                     "single process or set --config.linear_eval.augment=True.")
-  data = config.data.copy_and_resolve_references()
-  data.eval_split = data.train_split  # one ordered pass over the training split
+  batch = config.linear_eval.global_batch_size * max(
+      1, _FEATURE_BATCH // config.linear_eval.global_batch_size)  # divides over devices
   feats, labels = [], []
-  for batch in _eval_batches(data, global_batch_size):
-    mask = batch["mask"]
-    feats.append(np.asarray(features_fn(to_global(batch["image"])))[mask])
-    labels.append(batch["label"][mask])
+  for images, chunk_labels in _centre_view_chunks(config, split_name):
+    for start in range(0, len(images), batch):
+      chunk = images[start:start + batch]
+      padded = np.pad(chunk, [(0, batch - len(chunk))] + [(0, 0)] * (chunk.ndim - 1))
+      feats.append(np.asarray(features_fn(to_global(padded)))[:len(chunk)])
+    labels.append(chunk_labels)
   return np.concatenate(feats), np.concatenate(labels)
+
+
+def _padded_batches(feats, labels, batch_size: int):
+  """Whole batches of cached features with a mask for the padding of the last one."""
+  for start in range(0, len(labels), batch_size):
+    n = min(batch_size, len(labels) - start)
+    pad = lambda x: np.pad(x[start:start + n], [(0, batch_size - n)] + [(0, 0)] * (x.ndim - 1))
+    yield pad(feats), pad(labels), np.arange(batch_size) < n
