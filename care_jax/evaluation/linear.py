@@ -95,7 +95,7 @@ def evaluate(config, workdir: str) -> dict:
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   state = jax.device_put(state, replicated)
 
-  def train_step(state, features, labels):
+  def head_step(state, features, labels):
     params, stats, opt_state = state
 
     def loss_fn(params):
@@ -115,7 +115,14 @@ def evaluate(config, workdir: str) -> dict:
                       top_k_correct(logits, labels, mask, min(5, info.num_classes)),
                       jnp.sum(mask)])
 
-  train_step = jax.jit(train_step, in_shardings=(replicated, sharded, sharded),
+  def train_epoch(state, feats, labels, order):
+    """One epoch over cached features in a single dispatch: order is [steps, batch]."""
+    state, losses = jax.lax.scan(
+        lambda state, idx: head_step(state, feats[idx], labels[idx]), state, order)
+    return state, losses[-1]
+
+  train_epoch = jax.jit(train_epoch, donate_argnums=(0,))
+  train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
   eval_counts = jax.jit(eval_counts, in_shardings=(replicated, sharded, sharded, sharded),
                         out_shardings=replicated)
@@ -141,6 +148,7 @@ def evaluate(config, workdir: str) -> dict:
     eval_features = [to_global(b) for b in _padded_batches(
         *_cached_split(config, features_fn, to_global, config.data.eval_split),
         lin.global_batch_size)]
+    train_feats, train_labels = jax.device_put((train_feats, train_labels), replicated)
   else:
     batches = input_pipeline.eval_batches(
         config.data, split="train", global_batch_size=lin.global_batch_size, seed=config.seed,
@@ -155,10 +163,9 @@ def evaluate(config, workdir: str) -> dict:
         feats = features_fn(to_global(batch["image"]))
         state, loss = train_step(state, feats, to_global(batch["label"]))
     else:
-      order = rng.permutation(len(train_labels))
-      for i in range(steps_per_epoch):
-        idx = order[i * lin.global_batch_size:(i + 1) * lin.global_batch_size]
-        state, loss = train_step(state, *to_global((train_feats[idx], train_labels[idx])))
+      order = rng.permutation(len(train_labels))[:steps_per_epoch * lin.global_batch_size]
+      state, loss = train_epoch(state, train_feats, train_labels,
+                                order.reshape(steps_per_epoch, lin.global_batch_size))
     if epoch == lin.num_epochs or epoch % lin.eval_every_epochs == 0:
       top1, top5, examples = evaluate_head(state, eval_features)
       history.append({"epoch": epoch, "top1": top1, "top5": top5, "examples": examples})
