@@ -84,7 +84,7 @@ def export(workdir, fmt: str, out) -> None:
   config = checkpointing.load_config(workdir)
   small_stem = create_networks(config.model, config.data.image_size)[0].trunk.small_stem
   if fmt == "detectron2" and small_stem:
-    raise ConversionError(f"{workdir}'s trunk has the small stem (3x3 conv, no max-pool), "
+    raise ConversionError(f"{workdir}'s trunk has a small stem (3x3 stride-1 conv1), "
                           "which Detectron2's ResNet cannot build; export it as torchvision.")
   _, variables = pretrained.load(workdir)
   params, stats = variables["params"]["trunk"], variables["batch_stats"]["trunk"]
@@ -93,8 +93,10 @@ def export(workdir, fmt: str, out) -> None:
     print(f"Wrote {out}: the torchvision state dict of the online trunk, without `fc`. Load "
           "it into torchvision's ResNet after `model.fc = torch.nn.Identity()`.")
     if small_stem:
-      print("This trunk has the small stem (3x3 conv1, no max-pool): set `model.conv1` to "
-            "that conv and `model.maxpool = torch.nn.Identity()` first.")
+      pool = "" if config.model.stem == "small_pool" else (
+          " and `model.maxpool = torch.nn.Identity()`")
+      print(f"This trunk has a small stem: set `model.conv1` to a 3x3 stride-1 conv{pool} "
+            "first.")
     return
   _write(out, lambda f: pickle.dump(detectron2.checkpoint(params, stats), f), binary=True)
   options = detectron2.options(config.model, str(out.resolve()))

@@ -38,9 +38,10 @@ def test_larger_trunks_match_torchvision(preset, trunk):
   assert rows["total"] == (trunk + 32813568 + heads, trunk + 32813568 + 2 * 9449728)
 
 
-# layer3 is 1/4 of the input with the small stem (auto for <= 64 px), 1/16 with ImageNet's.
+# layer3 is 1/4 of the input with the small stem (auto for <= 64 px), 1/8 with the small
+# stem and its max-pool (ceil for odd sizes), 1/16 with ImageNet's.
 @pytest.mark.parametrize("size,stem,layer3", [(28, "auto", 7), (36, "auto", 9),
-                                              (64, "imagenet", 4)])
+                                              (28, "small_pool", 4), (64, "imagenet", 4)])
 def test_any_input_size_works_and_sizes_the_position_tables(size, stem, layer3, tiny_config):
   config = tiny_config
   config.model.stem = stem

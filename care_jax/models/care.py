@@ -63,15 +63,21 @@ class CareNetwork(nn.Module):
     return jnp.mean(layer4, axis=(1, 2)).astype(jnp.float32)
 
 
+# model.stem -> (3x3/1 conv instead of 7x7/2 + max-pool, then a 3x3/2 max-pool anyway).
+STEMS = {"imagenet": (False, False), "small": (True, False), "small_pool": (True, True)}
+
+
 def create_networks(model_config, image_size: int, dtype=jnp.float32):
   """(online, target) CareNetwork pair from `config.model`."""
-  small_stem = {"small": True, "imagenet": False,
-                "auto": image_size <= 64}.get(model_config.stem)
-  if small_stem is None:
-    raise UserError(f"model.stem must be 'auto', 'small' or 'imagenet', got "
-                    f"{model_config.stem!r}.")
+  stem = model_config.stem
+  if stem == "auto":
+    stem = "small" if image_size <= 64 else "imagenet"
+  if stem not in STEMS:
+    raise UserError(f"model.stem must be 'auto' or one of {sorted(STEMS)}, got {stem!r}.")
+  small_stem, small_stem_pool = STEMS[stem]
   trunk = resnet_lib.resnet(model_config.arch, width_multiplier=model_config.width,
                             channels=model_config.channels, small_stem=small_stem,
+                            small_stem_pool=small_stem_pool,
                             dtype=dtype)
   t_cfg = model_config.t_stream
   make = lambda predictors: CareNetwork(

@@ -77,6 +77,7 @@ class ResNet(nn.Module):
   width_multiplier: int = 1
   channels: int = 64  # stem and layer1 planes; each later stage doubles (tiny tests use 8)
   small_stem: bool = False  # 3x3/1 conv and no max-pool, for images of 64 px or less
+  small_stem_pool: bool = False  # the small stem, then a 3x3/2 max-pool (a quarter the cost)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -85,6 +86,8 @@ class ResNet(nn.Module):
     if self.small_stem:
       x = conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+      if self.small_stem_pool:
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.channels, (7, 7), (2, 2), padding=3, dtype=self.dtype, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
