@@ -15,7 +15,7 @@ from care_jax import cli, errors
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
 _STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the preset's pretraining "
-                              "length (steps of 256 images).")
+                              "length (in steps of the preset's batch).")
 
 STAGES = (
     ("pretrained", "linear_top1", "the CARE-pretrained encoder"),
