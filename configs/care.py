@@ -83,7 +83,7 @@ def _fmnist_demo(c):
                  projection_dim=128)
   c.model.t_stream.update(heads=4, head_dim=8)
   c.global_batch_size = 128
-  c.num_train_steps = 200  # ~4.5 minutes on 2 CPU cores (0.43 epoch): the demo fits 10
+  c.num_train_steps = 200  # ~5 minutes with compilation on 2 CPU cores (0.43 epoch)
   c.optimizer.update(name="lars", base_lr=8.0, weight_decay=1e-6, warmup_epochs=0.05)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
