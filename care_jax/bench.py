@@ -77,24 +77,17 @@ def bench_step(args) -> dict:
   crops, and the same with no T-stream blocks (the T-head on pooled layer3: about the
   cost of plain BYOL plus one head),
   measured in the same process. Imports no tensorflow or tfds: runs on a bare GPU box."""
-  import importlib.util
-
   import jax
   import numpy as np
 
-  from care_jax import parallel, summary
-  from care_jax.data import augment
+  from care_jax import cli, parallel, summary
   from care_jax.training import pretraining
 
-  spec = importlib.util.spec_from_file_location(
-      "care_config", os.path.join(os.path.dirname(__file__), "..", "configs", "care.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   mesh = parallel.create_mesh()
   devices = mesh.devices.size
 
   def measure(t_blocks):
-    config = module.get_config(args.preset)
+    config = cli.load_config(preset=args.preset)
     config.precision = args.precision
     config.global_batch_size = args.batch_per_device * devices
     if args.image_size:
@@ -104,15 +97,11 @@ def bench_step(args) -> dict:
     setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100000)
     state = setup.init_state(jax.random.key(0), parallel.replicated(mesh))
 
-    def step(state, batch):
-      x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
-      return setup.train_step(state, (x1, x2))
-
     size = config.data.image_size
     crops = np.random.default_rng(0).integers(
         0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
     batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
-    train_step = parallel.jit_train_step(step, mesh)
+    train_step = setup.jitted_step(mesh)
     start = time.perf_counter()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)

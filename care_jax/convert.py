@@ -20,7 +20,6 @@ line on stderr and exit status 1. torch is needed only to read or write `.pth` f
 (requirements-interop.txt).
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -30,21 +29,17 @@ import sys
 import jax
 from absl import logging as absl_logging
 
-from care_jax import checkpointing, pretrained
+from care_jax import checkpointing, cli, pretrained
 from care_jax.interop import ConversionError, detectron2, release, torchvision
 from care_jax.models import create_networks
 from care_jax.training import pretraining
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "care.py"
 PROVENANCE = "converted_from.json"
 
 
 def preset_config(preset: str):
-  spec = importlib.util.spec_from_file_location("care_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   try:
-    return module.get_config(preset)
+    return cli.load_config(preset=preset)
   except ValueError as e:
     raise ConversionError(str(e)) from None
 

@@ -4,7 +4,6 @@
 
 Rerunning the same command resumes from the latest checkpoint in DIR.
 """
-import importlib.util
 import sys
 
 import jax
@@ -44,10 +43,7 @@ def _config_from_argv(argv):
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
               "configs/care.py")
   path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("care_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
+  return cli.load_config(path, preset)
 
 
 def parse_flags(argv):

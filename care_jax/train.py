@@ -15,7 +15,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 
 from care_jax import checkpointing, parallel
-from care_jax.data import augment, input_pipeline
+from care_jax.data import input_pipeline
 from care_jax.errors import UserError
 from care_jax.training import pretraining
 
@@ -29,16 +29,6 @@ def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(config.num_epochs * steps_per_epoch)
-
-
-def make_step(setup: pretraining.Pretraining, mesh):
-  """Device-side augmentation and the train step, as one jitted function over the mesh."""
-
-  def step(state, batch):
-    x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
-    return setup.train_step(state, (x1, x2))
-
-  return parallel.jit_train_step(step, mesh)
 
 
 class _Preemption:
@@ -95,7 +85,7 @@ def pretrain(config, workdir: str) -> dict:
       config.data, global_batch_size=config.global_batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  train_step = make_step(setup, mesh)
+  train_step = setup.jitted_step(mesh)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_secs=30)]
   if config.profile_steps > 0 and jax.process_index() == 0:

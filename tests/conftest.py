@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import pathlib
 import tempfile
@@ -14,10 +13,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def load_config(preset: str = "tiny"):
-  spec = importlib.util.spec_from_file_location("care_config", ROOT / "configs" / "care.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  from care_jax import cli
+  return cli.load_config(preset=preset)
 
 
 @pytest.fixture

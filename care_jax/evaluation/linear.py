@@ -208,16 +208,18 @@ def _centre_view_chunks(config, split_name: str):
   if num_bytes <= _CACHE_BYTES:
     yield _decoded_split(data.to_json())
   else:
-    for batch in _eval_batches(data, _FEATURE_BATCH):
-      yield batch["image"][batch["mask"]], batch["label"][batch["mask"]]
+    yield from _decoded_chunks(data)
+
+
+def _decoded_chunks(data_config):
+  for batch in _eval_batches(data_config, _FEATURE_BATCH):
+    yield batch["image"][batch["mask"]], batch["label"][batch["mask"]]
 
 
 @functools.lru_cache(maxsize=2)
 def _decoded_split(data_json: str):
-  data = ml_collections.ConfigDict(json.loads(data_json))
-  chunks = [(b["image"][b["mask"]], b["label"][b["mask"]])
-            for b in _eval_batches(data, _FEATURE_BATCH)]
-  return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+  images, labels = zip(*_decoded_chunks(ml_collections.ConfigDict(json.loads(data_json))))
+  return np.concatenate(images), np.concatenate(labels)
 
 
 def _cached_split(config, features_fn, to_global, split_name: str):

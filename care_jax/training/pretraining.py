@@ -7,6 +7,8 @@ import jax
 import optax
 
 from care_jax.models import create_networks
+from care_jax import parallel
+from care_jax.data import augment
 from care_jax.errors import UserError
 from care_jax.training import optimizers, schedules, state as state_lib
 from care_jax.training.train_step import make_train_step
@@ -38,6 +40,16 @@ class Pretraining:
     init = jax.jit(self._create, out_shardings=sharding).lower(rng).compile(
         compiler_options=FAST_COMPILE)
     return init(rng)
+
+  def jitted_step(self, mesh):
+    """Device-side augmentation of the host crops and the train step, one program over
+    the mesh: (state, {"view1", "view2": uint8 crops}) -> (state, metrics)."""
+
+    def step(state, batch):
+      x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
+      return self.train_step(state, (x1, x2))
+
+    return parallel.jit_train_step(step, mesh)
 
   def _create(self, rng):
     return state_lib.create(rng, self.online_net, self.optimizer, self.image_size,
