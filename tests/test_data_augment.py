@@ -118,3 +118,13 @@ def test_works_on_a_batch_sharded_global_array():
                           text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_gaussian_blur_is_dm_pix_blur():
+  """The banded-matrix blur computes dm-pix's separable blur, borders included."""
+  import dm_pix as pix
+  image = synthetic.natural_image(np.random.default_rng(1), 23, 30).astype(np.float32) / 255.
+  for sigma, kernel_size in ((0.3, 3), (1.7, 3), (2.0, 23)):
+    blur = jax.jit(augment._gaussian_blur, static_argnums=2)
+    np.testing.assert_allclose(blur(image, sigma, kernel_size),
+                               pix.gaussian_blur(image, sigma, kernel_size), atol=1e-5)

@@ -62,6 +62,24 @@ def _blur_kernel_size(image_size: int) -> int:
   return 2 * (image_size // 20) + 1
 
 
+def _gaussian_blur(image, sigma, kernel_size: int):
+  """pix.gaussian_blur (separable, zero "SAME" padding) as two products with banded
+  matrices. Under vmap, pix's depthwise convolutions become a per-example convolution,
+  which XLA:CPU runs slowly (~45 ms of the demo's 680 ms step); batched products are cheap
+  on every backend."""
+  radius = kernel_size // 2
+  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  weights = jnp.exp(-taps**2 / (2. * sigma**2))
+  weights = weights / jnp.sum(weights)
+
+  def band(n):  # band[i, j] = weights[j - i + radius] within the radius, else 0
+    offset = jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + radius
+    inside = (offset >= 0) & (offset <= 2 * radius)
+    return jnp.where(inside, weights[jnp.clip(offset, 0, 2 * radius)], 0.)
+
+  return jnp.einsum("ij,jkc,lk->ilc", band(image.shape[0]), image, band(image.shape[1]))
+
+
 def _colour_augment(key, image, blur_prob, solarize_prob):
   """One example: float32 HWC in [0, 1] -> augmented, still in [0, 1].
 
@@ -74,7 +92,7 @@ def _colour_augment(key, image, blur_prob, solarize_prob):
   grey = jnp.broadcast_to(pix.rgb_to_grayscale(image, keep_dims=True), image.shape)
   image = jnp.where(coin(keys[2], _GRAYSCALE_PROB), grey, image)
   sigma = jax.random.uniform(keys[3], minval=_SIGMA_RANGE[0], maxval=_SIGMA_RANGE[1])
-  blurred = pix.gaussian_blur(image, sigma, _blur_kernel_size(image.shape[0]))
+  blurred = _gaussian_blur(image, sigma, _blur_kernel_size(image.shape[0]))
   image = jnp.where(coin(keys[4], blur_prob), blurred, image)
   return jnp.where(coin(keys[5], solarize_prob), pix.solarize(image, 0.5), image)
 
