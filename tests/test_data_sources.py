@@ -37,7 +37,7 @@ def test_fashion_mnist_is_prepared_from_debian_files_and_read(fmnist):
   assert (batch["view1"][..., 0] == batch["view1"][..., 2]).all()  # Grey as 3 channels.
 
 
-def test_fashion_mnist_pixels_and_labels_are_debian_files(fmnist):
+def test_fashion_mnist_pixels_and_labels_are_debian_files(fmnist, monkeypatch):
   from care_jax.data.fashion_mnist import read_idx
   images = read_idx(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz"))
   labels = read_idx(os.path.join(FMNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
@@ -48,6 +48,11 @@ def test_fashion_mnist_pixels_and_labels_are_debian_files(fmnist):
     whole = views.Box(0, 0, 28, 28)
     decoded, = views.crop_views(encoded, [whole], [False], 28, views.image_size(encoded))
     assert label_of[decoded[..., 0].tobytes()] == label
+  # A large split is read record by record, a small one whole: the same examples.
+  monkeypatch.setattr(sources, "_IN_MEMORY_BYTES", 0)
+  by_record = sources.open_source(fmnist, "test")
+  for index in (0, 1234, 9999):
+    assert by_record.read(index) == source.read(index)
   # One validation pass sees every test example once: same label counts as the file.
   batches = list(input_pipeline.eval_batches(fmnist, split="eval", global_batch_size=2048))
   seen = np.concatenate([b["label"][b["mask"]] for b in batches])
@@ -176,3 +181,13 @@ def test_imagenet_1pct_subset_from_a_local_file_list(tmp_path, manual_dir, monke
   assert (info.num_train_examples, info.num_eval_examples) == (2, 4)
   batch = next(input_pipeline.eval_batches(config, split="train", global_batch_size=2))
   assert sorted(batch["label"].tolist()) == [0, 1]
+
+
+def test_image_size_reads_png_and_jpeg_headers():
+  import cv2
+  image = np.zeros((17, 30, 3), np.uint8)
+  for ext in (".png", ".jpg"):
+    encoded = cv2.imencode(ext, image)[1].tobytes()
+    assert views.image_size(encoded) == (17, 30)
+    with pytest.raises(views.UndecodableImageError):
+      views.image_size(encoded[:20])  # cut inside the header

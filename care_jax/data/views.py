@@ -16,6 +16,7 @@ make every view a pure function of (seed, step, example).
 import dataclasses
 import io
 import math
+import struct
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ _DCT_SCALES = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 # EXIF orientation is ignored, as TensorFlow's and PIL's decoders (and so the release) do.
 _CV2_FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The pipeline decodes one image per thread; OpenCV's own threads would only compete.
 cv2.setNumThreads(1)
 
@@ -45,12 +47,20 @@ class Box:
 
 
 def image_size(encoded: bytes) -> tuple[int, int]:
-  """(height, width) from the header alone: PIL reads it lazily, without decoding."""
-  try:
-    with PIL.Image.open(io.BytesIO(encoded)) as image:
-      width, height = image.size
-  except Exception as e:  # PIL raises several types for unreadable headers.
-    raise UndecodableImageError(f"unreadable image header ({len(encoded)} bytes): {e}") from e
+  """(height, width) from the header alone: PIL reads it lazily, without decoding.
+
+  A PNG's size is read straight from its IHDR chunk: for Fashion-MNIST's 28 px images
+  opening them with PIL took a third of the host's time per example.
+  """
+  if encoded[:8] == _PNG_SIGNATURE and encoded[12:16] == b"IHDR" and len(encoded) >= 24:
+    width, height = struct.unpack(">II", encoded[16:24])
+  else:
+    try:
+      with PIL.Image.open(io.BytesIO(encoded)) as image:
+        width, height = image.size
+    except Exception as e:  # PIL raises several types for unreadable headers.
+      raise UndecodableImageError(
+          f"unreadable image header ({len(encoded)} bytes): {e}") from e
   if height < 1 or width < 1:
     raise UndecodableImageError(f"image of size {width}x{height}")
   return height, width
