@@ -22,12 +22,15 @@ $(FMNIST):
 demo: setup
 	$(PY) -m care_jax.demo --workdir=runs/demo
 
+# The tests are mostly XLA compilation, one core each: one pytest worker per core, at most 4.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=10 -m "not slow" tests
 
 # Tests marked slow (pytest exits 5 when none is marked: not a failure).
 test-slow: setup
-	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

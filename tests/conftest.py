@@ -8,7 +8,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile the
 # same tiny programs: a persistent compilation cache for the session compiles each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="care_jax_xla_"))
+# pytest-xdist's workers of one run share theirs (its run id is the same in all of them).
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_CACHE = (os.path.join(tempfile.gettempdir(), f"care_jax_xla_{_RUN_ID}") if _RUN_ID
+          else tempfile.mkdtemp(prefix="care_jax_xla_"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
