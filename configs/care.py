@@ -75,15 +75,17 @@ def _fmnist_demo(c):
   The stem's max-pool halves the maps (layer3 4x4, layer4 2x2), which doubles the
   throughput on a CPU. LARS scales each layer's step to 1e-3 x lr of its weights' norm:
   a sub-epoch run needs lr 8 (peak 4 at batch 128) to move them; lr 1 and 24 did worse.
+  Crops of at least a quarter of the 28 px image (the release: 8%) probed better.
   """
   c.data.name = "fashion_mnist"
   c.data.image_size = 28
   c.data.eval_split = "test"
+  c.data.crop_min_scale = 0.25
   c.model.update(arch="resnet18", channels=16, stem="small_pool", hidden_dim=512,
                  projection_dim=128)
   c.model.t_stream.update(heads=4, head_dim=8)
   c.global_batch_size = 128
-  c.num_train_steps = 200  # ~5 minutes with compilation on 2 CPU cores (0.43 epoch)
+  c.num_train_steps = 200  # ~3.5 minutes with compilation on 2 CPU cores (0.43 epoch)
   c.optimizer.update(name="lars", base_lr=8.0, weight_decay=1e-6, warmup_epochs=0.05)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
