@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from care_jax.training import pretraining
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, quick_jit
 
 
 def test_eight_devices_give_the_state_of_one():
@@ -36,14 +36,14 @@ def build(precision="float32"):
 
 
 def views(seed=1, batch=8):
-  x = jax.random.normal(jax.random.key(seed), (2, batch, 16, 16, 3))
+  x = np.random.default_rng(seed).standard_normal((2, batch, 16, 16, 3), np.float32)
   return x[0], x[1]
 
 
 def test_step_updates_target_as_ema_of_new_online():
   setup, state = build()
   before = jax.device_get(state)
-  new, metrics = jax.jit(setup.train_step)(state, views())
+  new, metrics = quick_jit(setup.train_step, state, views())
   tau = float(setup.tau_fn(1))
   assert int(new.step) == 1 and 0.99 < tau < 1.0
   assert float(metrics["tau"]) == pytest.approx(tau)
@@ -62,7 +62,7 @@ def test_float16_overflow_is_skipped_and_scale_reduced():
   # A scale this large makes the float16 backward pass overflow.
   state = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(3e38)))
   before = jax.device_get(state)
-  new, metrics = jax.jit(setup.train_step)(state, views())
+  new, metrics = quick_jit(setup.train_step, state, views())
   assert int(metrics["skipped_step"]) == 1
   assert float(new.loss_scale.scale) == pytest.approx(1.5e38)
   assert int(new.step) == 1  # the data stream and schedules move on
@@ -75,7 +75,9 @@ def test_float16_overflow_is_skipped_and_scale_reduced():
 def test_reduced_precision_training_stays_finite(precision):
   setup, state = build(precision)
   start = jax.device_get(state.online_params)
-  step = jax.jit(setup.train_step)
+  # Without backend optimisation: the float16 program takes minutes to compile otherwise.
+  step = jax.jit(setup.train_step).lower(state, views()).compile(
+      compiler_options=pretraining.FAST_COMPILE)
   losses, skipped = [], []
   for i in range(6):
     state, metrics = step(state, views(seed=i))
