@@ -39,7 +39,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   kh, kw = rhs.shape[:2]
   ho, wo = _output_size(lhs.shape[1:3], (kh, kw), strides, padding)
   if (kh, kw) == (1, 1) or ho * wo <= _MAX_IM2COL_OUTPUT_PIXELS:
-    return _im2col_conv(lhs, rhs, strides, padding, precision)
+    return _im2col_conv(lhs, rhs, strides, padding, (ho, wo), precision)
   if lhs.shape[-1] <= _MAX_PER_TAP_CHANNELS:
     return _conv(lhs, rhs, strides, padding)
   return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
@@ -59,10 +59,9 @@ def _shifted_inputs(x, kernel, strides, padding, output_size):
           for i in range(kernel[0]) for j in range(kernel[1])]
 
 
-def _im2col_conv(x, w, strides, padding, precision):
+def _im2col_conv(x, w, strides, padding, output_size, precision):
   """All taps side by side ([N*Ho*Wo, kh*kw*C]) times the kernel as a [kh*kw*C, O] matrix;
   autodiff turns it into matrix products and slices, which XLA:CPU also runs well."""
-  output_size = _output_size(x.shape[1:3], w.shape[:2], strides, padding)
   taps = _shifted_inputs(x, w.shape[:2], strides, padding, output_size)
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   out = jnp.matmul(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]),
