@@ -64,7 +64,7 @@ def run_demo(workdir: pathlib.Path, pretrain_steps=None) -> dict:
   print(f"  total time {results['total_seconds']:.0f} s; written to {workdir / 'results.json'}")
   if results["linear_top1"] < results["random_init_linear_top1"] + 0.03:
     print("  The pretrained encoder is not clearly ahead of the random one: self-supervised "
-          f"features need several epochs\n  and this demo pretrains for {epochs:.2f}. The "
+          f"features need several epochs\n  and this demo pretrains for {epochs:.2f} epoch. The "
           "README's 'What the demo shows' has the learning curve.")
   return results
 
