@@ -76,7 +76,7 @@ def _fmnist_demo(c):
   throughput on a CPU. LARS scales each layer's step to 1e-3 x lr of its weights' norm:
   a sub-epoch run needs lr 8 (peak 4 at batch 128) to move them; lr 1 and 24 did worse.
   Crops of at least a quarter of the 28 px image (the release: 8%): 0.79 against 0.74 in
-  one run each, though runs vary by several points with the seed (README).
+  one run each, though runs vary by up to 15 points with the seed (README).
   """
   c.data.name = "fashion_mnist"
   c.data.image_size = 28
