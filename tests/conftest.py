@@ -26,11 +26,17 @@ def tiny_config():
   return load_config("tiny")
 
 
-def quick_jit(fn, *args):
-  """Compiles without backend optimisation: for tests whose programs run once."""
+def quick_compile(fn, *args):
+  """`fn` jitted for these arguments' shapes, compiled without backend optimisation: for
+  tests, whose programs run a few times at most."""
   import jax
   from care_jax.training.pretraining import FAST_COMPILE
-  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+def quick_jit(fn, *args):
+  """Compiles `fn` as quick_compile does and calls it once on `args`."""
+  return quick_compile(fn, *args)(*args)
 
 
 @pytest.fixture(scope="session")

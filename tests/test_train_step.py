@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from care_jax.training import pretraining
-from tests.conftest import ROOT, load_config, quick_jit
+from tests.conftest import ROOT, load_config, quick_compile, quick_jit
 
 
 def test_eight_devices_give_the_state_of_one():
@@ -76,8 +76,7 @@ def test_reduced_precision_training_stays_finite(precision):
   setup, state = build(precision)
   start = jax.device_get(state.online_params)
   # Without backend optimisation: the float16 program takes minutes to compile otherwise.
-  step = jax.jit(setup.train_step).lower(state, views()).compile(
-      compiler_options=pretraining.FAST_COMPILE)
+  step = quick_compile(setup.train_step, state, views())
   losses, skipped = [], []
   for i in range(6):
     state, metrics = step(state, views(seed=i))
