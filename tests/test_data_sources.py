@@ -105,6 +105,39 @@ def test_image_folder_info_and_labels(tmp_path):
   assert batch["image"].shape == (6, 24, 24, 3)
 
 
+def test_image_folder_takes_labels_from_train_split_whatever_its_name(tmp_path):
+  # No ROOT/train at all; the labelled split is "labelled", with classes a, b, c; the
+  # held-out split has only b and c, which must keep labels 1 and 2.
+  synthetic.write_image_folder(str(tmp_path), splits={"labelled": 2}, classes=("b", "a", "c"))
+  synthetic.write_image_folder(str(tmp_path), splits={"holdout": 1}, classes=("c", "b"))
+  config = data_config(name="image_folder", folder_root=str(tmp_path),
+                       train_split="labelled", eval_split="holdout", image_size=16)
+  info = input_pipeline.dataset_info(config)
+  assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (6, 2, 3)
+  assert sources.open_source(config, "holdout").labels().tolist() == [1, 2]
+  assert sources.open_source(config, "labelled").labels().tolist() == [0, 0, 1, 1, 2, 2]
+  batch = next(input_pipeline.eval_batches(config, split="eval", global_batch_size=2))
+  assert batch["label"].tolist() == [1, 2]
+  (tmp_path / "holdout" / "d").mkdir()
+  sources._folder_files.cache_clear()
+  sources._folder_classes.cache_clear()
+  with pytest.raises(DataError, match="'d' of split 'holdout' .* not a class of the "
+                                      "training split 'labelled'"):
+    sources.open_source(config, "holdout")
+
+
+def test_stratified_subset_is_class_balanced_and_fixed_by_its_seed():
+  labels = np.repeat(np.arange(4), [100, 200, 300, 400])
+  subset = sources.stratified_indices(labels, 0.1, seed=0)
+  assert np.bincount(labels[subset]).tolist() == [10, 20, 30, 40]
+  assert np.all(np.diff(subset) > 0)
+  np.testing.assert_array_equal(subset, sources.stratified_indices(labels, 0.1, seed=0))
+  assert not np.array_equal(subset, sources.stratified_indices(labels, 0.1, seed=1))
+  assert np.bincount(labels[sources.stratified_indices(labels, 0.001, 0)]).tolist() == [1] * 4
+  with pytest.raises(DataError, match=r"fraction must be in \(0, 1\]"):
+    sources.stratified_indices(labels, 0.0, seed=0)
+
+
 # ImageNet through tfds' real imagenet2012 builder, fed tars shaped like the real ones.
 SYNSETS = ("n01440764", "n01443537")  # The first two classes of labels.txt.
 

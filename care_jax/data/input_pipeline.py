@@ -160,11 +160,14 @@ def random_view_batches(source: sources.Source, *, num_views: int, image_size: i
   return _prefetched(itertools.count(start_step), jobs, list, num_workers)
 
 
-def _config_batches(config, split: str, num_views: int, **kwargs) -> Iterator[list]:
+def _config_batches(config, split: str, num_views: int, indices=None, **kwargs
+                    ) -> Iterator[list]:
+  source = sources.open_source(config, split)
+  if indices is not None:
+    source = sources.SubsetSource(source, indices)
   return random_view_batches(
-      sources.open_source(config, split), num_views=num_views,
-      image_size=config.image_size, min_scale=config.crop_min_scale,
-      num_workers=_num_workers(config), **kwargs)
+      source, num_views=num_views, image_size=config.image_size,
+      min_scale=config.crop_min_scale, num_workers=_num_workers(config), **kwargs)
 
 
 def pretrain_batches(config, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -174,6 +177,7 @@ def pretrain_batches(config, *, global_batch_size: int, seed: int, start_step: i
   Each batch holds this process's global_batch_size / process_count examples:
     'view1', 'view2': uint8 [b, S, S, 3] random resized crops (+ flips) of each example,
         S = config.image_size; the colour part of the views is augment.pretrain_views.
+    'label': int32 [b], each example's class (for the online probe; unused by CARE).
     'index': int64 [b], the dataset index of each example (after replacements).
     'num_skipped': int, undecodable examples replaced in this process's part.
   """
@@ -185,32 +189,34 @@ def pretrain_batches(config, *, global_batch_size: int, seed: int, start_step: i
 
 
 def _pair_batch(results: list) -> dict:
-  view_pairs, indices, _, skipped = zip(*results)
+  view_pairs, indices, labels, skipped = zip(*results)
   return {"view1": np.stack([v[0] for v in view_pairs]),
           "view2": np.stack([v[1] for v in view_pairs]),
-          "index": np.asarray(indices, np.int64), "num_skipped": int(sum(skipped))}
+          "label": np.asarray(labels, np.int32), "index": np.asarray(indices, np.int64),
+          "num_skipped": int(sum(skipped))}
 
 
 def eval_batches(config, *, split: str, global_batch_size: int, seed: int = 0,
                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                 ) -> Iterator[dict]:
-  """Linear-evaluation batches: 'image' uint8 [b, S, S, 3], 'label' int32, 'mask' bool.
+                 train_indices=None) -> Iterator[dict]:
+  """Linear-evaluation and fine-tuning batches: 'image' uint8 [b, S, S, 3], 'label' int32,
+  'mask' bool.
 
-  split='train': endless random resized crops + flips of config.train_split, reshuffled
-  every epoch (mask all True). split='eval': one pass over config.eval_split in order,
-  resized to S*256/224 and centre-cropped to S (spec); the last batch is padded with
-  zero images whose mask is False, and so is an undecodable image. Both also give 'index'
-  (int64, -1 for padding) and 'num_skipped'.
+  split='train': endless random resized crops + flips of config.train_split (or of its
+  examples at `train_indices`, e.g. a labelled subset), reshuffled every epoch (mask all
+  True). split='eval': one pass over config.eval_split in order, as centre_view_batches.
+  Both also give 'index' (int64, -1 for padding) and 'num_skipped'.
   """
   if split == "train":
     batches = _config_batches(
-        config, config.train_split, num_views=1, global_batch_size=global_batch_size,
-        seed=seed, start_step=start_step, process_index=process_index,
-        process_count=process_count)
+        config, config.train_split, num_views=1, indices=train_indices,
+        global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count)
     return (_single_view_batch(results) for results in batches)
   if split == "eval":
-    return _validation_batches(config, global_batch_size, start_step, process_index,
-                               process_count)
+    return centre_view_batches(config, config.eval_split, global_batch_size=global_batch_size,
+                               start_step=start_step, process_index=process_index,
+                               process_count=process_count)
   raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
 
 
@@ -221,11 +227,17 @@ def _single_view_batch(results: list) -> dict:
           "num_skipped": int(sum(skipped))}
 
 
-def _validation_batches(config, global_batch_size: int, start_step: int, process_index: int,
-                        process_count: int) -> Iterator[dict]:
-  """One pass over the eval split in order, padded (mask False) to whole global batches."""
+def centre_view_batches(config, split_name: str, *, global_batch_size: int,
+                        indices=None, start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[dict]:
+  """One pass in order over a split (or its examples at `indices`), resized to S*256/224
+  and centre-cropped to S (spec), padded with zero images (mask False) to whole global
+  batches; an undecodable image is masked out the same way, so every example counts once.
+  """
   slots = _process_slots(global_batch_size, process_index, process_count)
-  source = sources.open_source(config, config.eval_split)
+  source = sources.open_source(config, split_name)
+  if indices is not None:
+    source = sources.SubsetSource(source, indices)
   size = config.image_size
   num_steps = math.ceil(len(source) / global_batch_size)
 
@@ -237,15 +249,15 @@ def _validation_batches(config, global_batch_size: int, start_step: int, process
   def assemble(results):
     images = np.zeros((len(results), size, size, 3), np.uint8)
     labels = np.zeros(len(results), np.int32)
-    indices = np.full(len(results), -1, np.int64)
+    used = np.full(len(results), -1, np.int64)
     skipped = 0
     for i, (position, view) in enumerate(results):
       if view is not None:
         images[i], labels[i] = view
-        indices[i] = position
+        used[i] = position
       elif position < len(source):
         skipped += 1
-    return {"image": images, "label": labels, "mask": indices >= 0, "index": indices,
+    return {"image": images, "label": labels, "mask": used >= 0, "index": used,
             "num_skipped": skipped}
 
   return _prefetched(range(start_step, num_steps), jobs, assemble, _num_workers(config))

@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Optional, Protocol
 
+import numpy as np
+
 from care_jax.data.errors import DataError, DatasetNotFoundError
 
 TFDS_DATASETS = ("fashion_mnist", "imagenet2012", "imagenet2012_subset/1pct",
@@ -51,6 +53,9 @@ class Source(Protocol):
 
   def describe(self, index: int) -> str:
     """Names the example in log messages (file name or dataset/split[index])."""
+
+  def labels(self) -> np.ndarray:
+    """Every example's label (int64, by index), without decoding any image."""
 
 
 def resolve_data_dir(data_dir: Optional[str]) -> str:
@@ -156,14 +161,18 @@ def _folder_classes(root: str, split: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def _folder_files(root: str, split: str) -> tuple[tuple[str, int], ...]:
-  """(path, label) of every image of a split, in a fixed order (sorted class, file)."""
-  classes = _folder_classes(root, "train")
+def _folder_files(root: str, split: str, label_split: str) -> tuple[tuple[str, int], ...]:
+  """(path, label) of every image of a split, in a fixed order (sorted class, file).
+
+  Labels number the class folders of `label_split` (the training split), so that a class
+  has the same label in every split.
+  """
+  classes = _folder_classes(root, label_split)
   files = []
   for cls in _folder_classes(root, split):
     if cls not in classes:
       raise DataError(f"Class folder {cls!r} of split {split!r} in {root} is not a class of "
-                      f"the train split; labels come from the train split's folders.")
+                      f"the training split {label_split!r}; labels come from its folders.")
     class_dir = os.path.join(root, split, cls)
     names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
     files.extend((os.path.join(class_dir, f), classes.index(cls)) for f in names)
@@ -191,9 +200,10 @@ def dataset_info(config) -> DatasetInfo:
   _check_name(config.name)
   if config.name == IMAGE_FOLDER:
     root = _folder_root(config)
-    return DatasetInfo(config.name, root, len(_folder_files(root, config.train_split)),
-                       len(_folder_files(root, config.eval_split)),
-                       len(_folder_classes(root, "train")))
+    return DatasetInfo(config.name, root,
+                       len(_folder_files(root, config.train_split, config.train_split)),
+                       len(_folder_files(root, config.eval_split, config.train_split)),
+                       len(_folder_classes(root, config.train_split)))
   version_dir = tfds_version_dir(config.name, config.data_dir)
   sizes = _tfds_split_sizes(version_dir)
   for split in (config.train_split, config.eval_split):
@@ -228,6 +238,9 @@ class TfdsSource:
     record = self._records[index]
     return record["image"], int(record["label"])
 
+  def labels(self) -> np.ndarray:
+    return np.asarray([int(record["label"]) for record in self._records], np.int64)
+
   def describe(self, index: int) -> str:
     record = self._records[index]
     file_name = record.get("file_name")  # imagenet2012 keeps the original file name.
@@ -252,12 +265,49 @@ class FolderSource:
   def describe(self, index: int) -> str:
     return self._files[index][0]
 
+  def labels(self) -> np.ndarray:
+    return np.asarray([label for _, label in self._files], np.int64)
+
 
 def open_source(config, split: str) -> Source:
   """Random access to `split` of config.data's dataset; raises DatasetNotFoundError."""
   _check_name(config.name)
   if config.name == IMAGE_FOLDER:
-    return FolderSource(_folder_files(_folder_root(config), split))
+    return FolderSource(_folder_files(_folder_root(config), split, config.train_split))
   version_dir = tfds_version_dir(config.name, config.data_dir)
   _check_split(config.name, split, _tfds_split_sizes(version_dir))
   return TfdsSource(version_dir, split)
+
+
+class SubsetSource:
+  """The examples of `source` at `indices`, renumbered 0..len(indices)-1."""
+
+  def __init__(self, source: Source, indices):
+    self._source, self._indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    return self._source.read(int(self._indices[index]))
+
+  def describe(self, index: int) -> str:
+    return self._source.describe(int(self._indices[index]))
+
+  def labels(self) -> np.ndarray:
+    return self._source.labels()[self._indices]
+
+
+def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """A class-balanced sample: round(fraction x n_c) examples of each class c (at least
+  one), drawn with `seed`, as sorted indices. The same (labels, fraction, seed) always
+  gives the same sample."""
+  if not 0 < fraction <= 1:
+    raise DataError(f"The labelled fraction must be in (0, 1], got {fraction}.")
+  rng = np.random.default_rng([seed, 3])
+  chosen = []
+  for cls in np.unique(labels):
+    members = np.flatnonzero(labels == cls)
+    count = max(1, round(fraction * len(members)))
+    chosen.append(rng.choice(members, count, replace=False))
+  return np.sort(np.concatenate(chosen))
