@@ -1,4 +1,5 @@
-"""care_jax's entry point: pretraining, or linear evaluation with --config.mode=linear_eval.
+"""care_jax's entry point: pretraining, or with --config.mode=linear_eval / finetune the
+evaluation of a pretrained encoder.
 
   python -m care_jax.main --config=configs/care.py[:preset] --workdir=DIR [--config.x=y ...]
 
@@ -26,7 +27,10 @@ def run(config, workdir: str):
   if config.mode == "linear_eval":
     from care_jax.evaluation import linear
     return linear.evaluate(config, workdir)
-  raise errors.UserError(f"config.mode must be 'pretrain' or 'linear_eval', got "
+  if config.mode == "finetune":
+    from care_jax.evaluation import finetune
+    return finetune.finetune(config, workdir)
+  raise errors.UserError(f"config.mode must be 'pretrain', 'linear_eval' or 'finetune', got "
                          f"{config.mode!r}.")
 
 

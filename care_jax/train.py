@@ -6,17 +6,16 @@ a crash or a preemption continues exactly where the last checkpoint left off.
 """
 import contextlib
 import logging
-import signal
-import threading
 import time
 
 import jax
-import numpy as np
 from clu import metric_writers, periodic_actions
 
 from care_jax import checkpointing, parallel
 from care_jax.data import input_pipeline
 from care_jax.errors import UserError
+from care_jax.evaluation import monitor as monitor_lib, online_probe
+from care_jax.preemption import Preemption
 from care_jax.training import pretraining
 
 
@@ -31,32 +30,18 @@ def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
   return steps_per_epoch, int(config.num_epochs * steps_per_epoch)
 
 
-class _Preemption:
-  """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and stop.
-
-  With several processes, jax.distributed's own SIGTERM notifier (which orbax's
-  reached_preemption asks, so that all processes stop at the same step) must keep the
-  signal: a Python handler would replace it.
-  """
-
-  def __init__(self):
-    self.requested = threading.Event()
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
-
-  def reached(self, mgr, step: int) -> bool:
-    if jax.process_count() > 1:  # all processes must agree on the step to save at
-      return mgr.reached_preemption(step)
-    return self.requested.is_set()
-
-
 def pretrain(config, workdir: str) -> dict:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.global_batch_size, mesh)
   info = input_pipeline.dataset_info(config.data)
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
-  setup = pretraining.build(config, steps_per_epoch, total_steps)
+  if info.num_classes < 2 and (config.monitor.online_probe or config.monitor.every_steps > 0):
+    logging.info("%s has no labels (one class): no online probe and no kNN monitor.",
+                 info.name)
+  probe = online_probe.from_config(config.monitor, info.num_classes, total_steps)
+  setup = pretraining.build(config, steps_per_epoch, total_steps, probe)
+  monitor = monitor_lib.create(config, mesh, setup.online_net, probe, info)
   mgr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
                               save_every=config.checkpoint_every_steps)
   if mgr.latest_step() is not None:
@@ -79,7 +64,7 @@ def pretrain(config, workdir: str) -> dict:
   if start_step >= total_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, total_steps)
     mgr.close()
-    return {}
+    return {} if monitor is None else monitor.evaluate(state)
 
   batches = input_pipeline.pretrain_batches(
       config.data, global_batch_size=config.global_batch_size, seed=config.seed,
@@ -91,7 +76,7 @@ def pretrain(config, workdir: str) -> dict:
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                           first_profile=start_step + config.log_every_steps))
-  preemption = _Preemption()
+  preemption = Preemption()
   period = _Period(start_step)
   metrics = {}
   try:
@@ -100,6 +85,8 @@ def pretrain(config, workdir: str) -> dict:
         batch = next(batches)
       period.skipped += batch.pop("num_skipped")
       batch.pop("index")
+      if probe is None:
+        batch.pop("label")
       state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
       done = step + 1
       for hook in hooks:
@@ -109,6 +96,14 @@ def pretrain(config, workdir: str) -> dict:
         scalars.update(period.summary(done, config.global_batch_size, steps_per_epoch))
         writer.write_scalars(done, scalars)
         metrics = scalars
+      if monitor is not None and monitor.due(done, total_steps):
+        evaluation = monitor.evaluate(state)
+        period.start += evaluation["monitor_seconds"]  # not training time
+        writer.write_scalars(done, evaluation)
+        logging.info("monitor at step %d: %s", done, ", ".join(
+            f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
+            f" ({evaluation['monitor_seconds']:.0f} s)")
+        metrics = {**metrics, **evaluation}
       saved = checkpointing.save(mgr, done, state, force=done == total_steps)
       if done < total_steps and preemption.reached(mgr, done):
         if not saved:

@@ -2,7 +2,9 @@
 any field with `--config.<field>=<value>`.
 
 Presets: the 16 published settings `r50_100ep` ... `r152_800ep` (trunks r50, r50x2, r101,
-r152; 100/200/400/800 epochs), `fmnist_demo` (what `make demo` runs) and `tiny` (tests).
+r152; 100/200/400/800 epochs), `fmnist_demo` (what `make demo` runs) and `tiny` (tests);
+fine-tuning on 1% or 10% of the labels: `finetune_1pct` and `finetune_10pct` (ImageNet),
+`fmnist_finetune_1pct` and `fmnist_finetune_10pct` (Fashion-MNIST).
 The default (no preset) is the paper's main setting, `r50_100ep`.
 """
 import ml_collections
@@ -10,13 +12,16 @@ import ml_collections
 TRUNKS = {"r50": ("resnet50", 1), "r50x2": ("resnet50", 2), "r101": ("resnet101", 1),
           "r152": ("resnet152", 1)}
 EPOCHS = (100, 200, 400, 800)
-PRESETS = tuple(f"{t}_{e}ep" for t in TRUNKS for e in EPOCHS) + ("fmnist_demo", "tiny")
+FINETUNE_PRESETS = ("finetune_1pct", "finetune_10pct", "fmnist_finetune_1pct",
+                    "fmnist_finetune_10pct")
+PRESETS = (tuple(f"{t}_{e}ep" for t in TRUNKS for e in EPOCHS) + ("fmnist_demo", "tiny")
+           + FINETUNE_PRESETS)
 
 
 def paper_config() -> ml_collections.ConfigDict:
   """The release's ImageNet setting (spec): ResNet-50, 100 epochs, batch 1024, SGD."""
   c = ml_collections.ConfigDict()
-  c.mode = "pretrain"  # or "linear_eval"
+  c.mode = "pretrain"  # or "linear_eval", "finetune"
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
@@ -44,13 +49,39 @@ def paper_config() -> ml_collections.ConfigDict:
   c.profile_steps = 0  # > 0: trace this many steps after the first log period
   c.distributed = False  # call jax.distributed.initialize() (auto-detects SLURM)
 
+  # Watching pretraining learn. With labelled data the online probe (a linear classifier
+  # on the stop-gradient trunk features) trains at every step, at negligible cost. Every
+  # `every_steps` steps and at the end (0: never), the eval split is classified by
+  # weighted kNN (InstDisc's protocol) and by the probe: `knn_top1`, `online_probe_top1`.
+  c.monitor = ml_collections.ConfigDict(dict(
+      every_steps=0, knn=True, knn_k=200, knn_temperature=0.07,
+      knn_bank_size=100_000,  # training examples in the kNN bank (a fixed sample); <= 0: all
+      online_probe=True, online_probe_lr=1e-2))  # Adam, cosine to 0
+
   # Linear evaluation (the release's protocol), run with --config.mode=linear_eval.
   c.linear_eval = ml_collections.ConfigDict(dict(
       pretrained_workdir=ml_collections.FieldReference(None, field_type=str),
       encoder="pretrained",  # or "random_init", "raw_pixels" (baselines)
       augment=True,  # False: train on cached centre-view features (small datasets, fast)
+      image_size=-1,  # -1: the pretraining run's; > 0: this resolution instead
       num_epochs=80, global_batch_size=256, base_lr=0.2, momentum=0.9, weight_decay=0.0,
       eval_every_epochs=10))
+
+  # Semi-supervised fine-tuning of the whole trunk with a new linear head, run with
+  # --config.mode=finetune. BYOL's protocol (the CARE paper gives none): SGD with Nesterov
+  # momentum 0.9, batch 1024, no weight decay, random crops + flips; BYOL swept the lr over
+  # {0.005, 0.01, 0.02, 0.05, 0.1} and the epochs over {30, 50} without publishing the
+  # choice: 0.05 at batch 1024 and 30 epochs (10%) / 50 epochs (1%) are ours.
+  c.finetune = ml_collections.ConfigDict(dict(
+      pretrained_workdir=ml_collections.FieldReference(None, field_type=str),
+      encoder="pretrained",  # or "random_init" (baseline)
+      # "1pct" / "10pct": ImageNet trains on tfds imagenet2012_subset/<labels> (SimCLR's
+      # subsets); any other dataset on a class-balanced sample of that fraction of
+      # train_split, drawn with label_seed. "all": every training label.
+      labels="10pct", label_seed=0,
+      image_size=-1,  # -1: the pretraining run's; > 0: this resolution instead
+      num_epochs=30, global_batch_size=1024, base_lr=0.0125,  # lr 0.0125 x batch/256
+      momentum=0.9, weight_decay=0.0, eval_every_epochs=5))
   return c
 
 
@@ -62,6 +93,8 @@ def get_config(preset: str = "r50_100ep") -> ml_collections.ConfigDict:
     _fmnist_demo(c)
   elif preset == "tiny":
     _tiny(c)
+  elif preset in FINETUNE_PRESETS:
+    _finetune(c, preset)
   else:
     trunk, epochs = preset.split("_")
     c.model.arch, c.model.width = TRUNKS[trunk]
@@ -90,6 +123,8 @@ def _fmnist_demo(c):
   c.optimizer.update(name="lars", base_lr=8.0, weight_decay=1e-6, warmup_epochs=0.05)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
+  # A 10,000-image bank: embedding all 60,000 takes 30 s on 2 CPU cores, a sample 5 s.
+  c.monitor.update(every_steps=100, knn_bank_size=10_000)
   # Features are cached, so the head's epochs cost little: 100 lets it converge.
   c.linear_eval.update(augment=False, num_epochs=100, global_batch_size=256, base_lr=0.2,
                        eval_every_epochs=10)
@@ -106,3 +141,16 @@ def _tiny(c):
   c.optimizer.update(name="sgd", base_lr=0.05, warmup_epochs=0)
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
+
+
+def _finetune(c, preset):
+  """Fine-tuning on 1% or 10% of the labels (see c.finetune); on Fashion-MNIST with the
+  demo's data settings and a budget of minutes on a CPU."""
+  c.mode = "finetune"
+  labels = preset.rsplit("_", 1)[1]
+  c.finetune.update(labels=labels, num_epochs=50 if labels == "1pct" else 30,
+                    eval_every_epochs=10 if labels == "1pct" else 5)
+  if preset.startswith("fmnist_"):
+    _fmnist_demo(c)
+    c.finetune.update(global_batch_size=64 if labels == "1pct" else 256,
+                      num_epochs=50 if labels == "1pct" else 20)

@@ -40,12 +40,33 @@ def quick_jit(fn, *args):
 
 
 @pytest.fixture(scope="session")
+def fmnist_data_dir():
+  """A data dir with Fashion-MNIST prepared from Debian's files, once per test run (the
+  preparation holds a file lock, so parallel workers wait for one another)."""
+  from care_jax.data import sources
+  data_dir = os.path.join(tempfile.gettempdir(), f"care_jax_tfds_{_RUN_ID or os.getpid()}")
+  sources.tfds_version_dir("fashion_mnist", data_dir)
+  return data_dir
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
   """root/{train,test}/{cat,dog}/*.jpg: 32 + 8 small JPEGs per class."""
   from care_jax.data import synthetic
   root = tmp_path_factory.mktemp("images")
   synthetic.write_image_folder(str(root), splits={"train": 32, "test": 8}, height=24, width=24)
   return str(root)
+
+
+@pytest.fixture(scope="session")
+def pretrained_workdir(tmp_path_factory, image_folder):
+  """A tiny pretraining run (4 steps at 16 px) on the image folder."""
+  from care_jax import train
+  workdir = tmp_path_factory.mktemp("pretrained")
+  config = load_config("tiny")
+  config.data.update(name="image_folder", folder_root=image_folder)
+  train.pretrain(config, str(workdir))
+  return str(workdir)
 
 
 def tiny_run_args(image_folder: str, workdir, *extra: str) -> list:

@@ -1,5 +1,6 @@
 """Two processes x 2 CPU devices (jax.distributed, localhost coordinator, gloo) train to the
-same state as one process with 4 devices, each reading its own half of every batch."""
+same state as one process with 4 devices, each reading its own half of every batch, and
+their kNN monitor and online probe, sharded over both, report the same accuracies."""
 import json
 import os
 import socket
@@ -49,6 +50,10 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, image_folde
     assert p.returncode == 0, err[-3000:]
   reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [(r["devices"], r["local_devices"]) for r in reports] == [(4, 2), (4, 2)]
+  alone = json.loads(single.stdout.strip().splitlines()[-1])
+  for key in ("knn_top1", "online_probe_top1"):
+    assert reports[0][key] == reports[1][key] == alone[key], (key, reports, alone)
+    assert 0 < alone[key] <= 1
 
   # Each process read a different half of each global batch; together, the whole batch.
   whole = read_record(tmp_path / "single.jsonl")

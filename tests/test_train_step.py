@@ -1,7 +1,6 @@
 """The train step: sharding invariance, the EMA target, and mixed precision."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

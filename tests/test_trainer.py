@@ -137,35 +137,3 @@ def test_resume_check_allows_only_bookkeeping_changes(tmp_path):
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"global_batch_size: 8 -> 16; model.t_stream.heads: 2 -> 1"):
     checkpointing.check_same_run(tmp_path, config)
-
-
-@pytest.fixture(scope="module")
-def pretrained_workdir(tmp_path_factory, image_folder):
-  from care_jax import train
-  workdir = tmp_path_factory.mktemp("pretrained")
-  config = load_config("tiny")
-  config.data.update(name="image_folder", folder_root=image_folder)
-  train.pretrain(config, str(workdir))
-  return str(workdir)
-
-
-@pytest.mark.parametrize("encoder,augment", [("pretrained", False), ("pretrained", True),
-                                             ("raw_pixels", False)])
-def test_linear_evaluation_writes_results(tmp_path, image_folder, pretrained_workdir,
-                                          encoder, augment):
-  import json
-  from care_jax.evaluation import linear
-  config = load_config("tiny")
-  config.data.update(name="image_folder", folder_root=image_folder, eval_split="test")
-  config.mode = "linear_eval"
-  # 6 does not divide the 16 test images: the last batch is padded and must be masked.
-  config.linear_eval.update(encoder=encoder, augment=augment, pretrained_workdir=pretrained_workdir,
-                            num_epochs=2, global_batch_size=6, eval_every_epochs=1)
-  results = linear.evaluate(config, str(tmp_path))
-  assert json.loads((tmp_path / "results.json").read_text()) == results
-  assert [h["epoch"] for h in results["history"]] == [1, 2]
-  assert all(h["examples"] == 16 for h in results["history"])
-  assert 0.0 <= results["final_top1"] <= 1.0
-  assert results["final_top5"] == 1.0  # two classes: the true one is always in the top 5
-  assert results["best_top1"] == max(h["top1"] for h in results["history"])
-  assert (pretrained_workdir in results["encoder"]) == (encoder == "pretrained")

@@ -4,7 +4,6 @@ The online network has projector + predictor per stream; the target network has 
 projectors only. Both are this module, with `predictors` on or off, so their parameter
 trees line up key by key for the EMA update (spec, "Networks" and "Target update").
 """
-from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Builds the networks, optimiser, schedules and train step that a config describes."""
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ from care_jax.models import create_networks
 from care_jax import parallel
 from care_jax.data import augment
 from care_jax.errors import UserError
+from care_jax.evaluation.online_probe import OnlineProbe
 from care_jax.training import optimizers, schedules, state as state_lib
 from care_jax.training.train_step import make_train_step
 
@@ -23,9 +24,10 @@ class Pretraining:
   optimizer: optax.GradientTransformation
   lr_fn: Callable
   tau_fn: Callable
-  train_step: Callable  # (state, (view_1, view_2)) -> (state, metrics), not yet jitted
+  train_step: Callable  # (state, (view_1, view_2)[, labels]) -> (state, metrics), not jitted
   precision: str
   image_size: int
+  probe: Optional[OnlineProbe] = None
 
   def abstract_state(self) -> state_lib.TrainState:
     """Shapes and dtypes only: nothing is allocated."""
@@ -43,20 +45,23 @@ class Pretraining:
 
   def jitted_step(self, mesh):
     """Device-side augmentation of the host crops and the train step, one program over
-    the mesh: (state, {"view1", "view2": uint8 crops}) -> (state, metrics)."""
+    the mesh: (state, {"view1", "view2": uint8 crops[, "label"]}) -> (state, metrics).
+    The labels are used by the online probe only."""
 
     def step(state, batch):
       x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
-      return self.train_step(state, (x1, x2))
+      return self.train_step(state, (x1, x2), batch.get("label"))
 
     return parallel.jit_train_step(step, mesh)
 
   def _create(self, rng):
     return state_lib.create(rng, self.online_net, self.optimizer, self.image_size,
-                            self.precision)
+                            self.precision, self.probe)
 
 
-def build(config, steps_per_epoch: int, total_steps: int) -> Pretraining:
+def build(config, steps_per_epoch: int, total_steps: int,
+          probe: Optional[OnlineProbe] = None) -> Pretraining:
+  """The pretraining a config describes; `probe` adds the online probe to state and step."""
   if config.precision not in state_lib.PRECISIONS:
     raise UserError(f"precision must be one of {sorted(state_lib.PRECISIONS)}, got "
                     f"{config.precision!r}.")
@@ -68,6 +73,7 @@ def build(config, steps_per_epoch: int, total_steps: int) -> Pretraining:
                                   total_steps)
   tau_fn = schedules.target_decay(config.base_tau, total_steps)
   step = make_train_step(online_net=online_net, target_net=target_net, optimizer=optimizer,
-                         lr_fn=lr_fn, tau_fn=tau_fn, cross_weight=config.cross_weight)
+                         lr_fn=lr_fn, tau_fn=tau_fn, cross_weight=config.cross_weight,
+                         probe=probe)
   return Pretraining(online_net, target_net, optimizer, lr_fn, tau_fn, step,
-                     config.precision, config.data.image_size)
+                     config.precision, config.data.image_size, probe)

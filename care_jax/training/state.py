@@ -19,6 +19,7 @@ class TrainState:
   opt_state: Any
   loss_scale: Optional[DynamicScale]  # float16 only
   rng: jax.Array  # raw key data (uint32, checkpointable); each step folds in its step
+  probe: Optional[Any] = None  # online_probe.ProbeState when the online probe is on
 
   def step_key(self) -> jax.Array:
     """The key for this step's randomness (augmentations): a function of (seed, step)."""
@@ -30,11 +31,21 @@ def target_subtree(online_tree):
   return {k: v for k, v in online_tree.items() if not k.endswith("_predictor")}
 
 
-def create(rng, online_net, optimizer, image_size: int, precision: str) -> TrainState:
-  """Initial state; the target starts as a copy of the online network (spec)."""
+def create(rng, online_net, optimizer, image_size: int, precision: str,
+           probe=None) -> TrainState:
+  """Initial state; the target starts as a copy of the online network (spec).
+
+  The probe's key is folded from `rng`, not split from it, so that turning the probe on
+  leaves the networks' initialisation unchanged.
+  """
   init_rng, state_rng = jax.random.split(rng)
   dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
   variables = online_net.init(init_rng, dummy, train=False)
+  probe_state = None
+  if probe is not None:
+    features = jax.eval_shape(
+        lambda v: online_net.apply(v, dummy, method=online_net.trunk_features), variables)
+    probe_state = probe.init(jax.random.fold_in(rng, 1), features.shape[-1])
   params, stats = variables["params"], variables["batch_stats"]
   copy = lambda tree: jax.tree.map(jnp.copy, target_subtree(tree))
   return TrainState(
@@ -45,4 +56,5 @@ def create(rng, online_net, optimizer, image_size: int, precision: str) -> Train
       loss_scale=(DynamicScale(fin_steps=jnp.zeros((), jnp.int32),
                                scale=jnp.asarray(2.0**16, jnp.float32))
                   if precision == "float16" else None),
-      rng=jax.random.key_data(state_rng))
+      rng=jax.random.key_data(state_rng),
+      probe=probe_state)

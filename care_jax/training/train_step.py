@@ -39,7 +39,8 @@ def _split_views(outputs):
 
 def care_objective(online_params, target_params, online_stats, target_stats, views, *,
                    online_net, target_net, cross_weight: float):
-  """(loss, (terms, new online stats, new target stats)) for views [2, batch, H, W, C].
+  """(loss, (terms, new online stats, new target stats, online pooled features [2, B, D]))
+  for views [2, batch, H, W, C].
 
   A function of both parameter sets so tests can show where gradients go; the train step
   differentiates it with respect to the online parameters only.
@@ -50,22 +51,24 @@ def care_objective(online_params, target_params, online_stats, target_stats, vie
   online_out, online_stats = apply_to_views(online_net, online_params, online_stats, views)
   (out_1, out_2), (target_1, target_2) = _split_views(online_out), _split_views(target_out)
   loss, terms = objectives.care_loss(out_1, out_2, target_1, target_2, cross_weight)
-  return loss, (terms, online_stats, target_stats)
+  return loss, (terms, online_stats, target_stats, online_out["features"])
 
 
-def train_step(state: TrainState, views, *, online_net, target_net, optimizer, lr_fn, tau_fn,
-               cross_weight: float):
+def train_step(state: TrainState, views, labels=None, *, online_net, target_net, optimizer,
+               lr_fn, tau_fn, cross_weight: float, probe=None):
+  """One step. With `probe` (an online_probe.OnlineProbe) and the batch's labels, the
+  online probe also takes a step on the first view's stop-gradient features."""
   loss_fn = functools.partial(
       care_objective, target_params=state.target_params, online_stats=state.online_stats,
       target_stats=state.target_stats, views=jnp.stack(views), online_net=online_net,
       target_net=target_net, cross_weight=cross_weight)
 
   if state.loss_scale is None:
-    (_, (terms, online_stats, target_stats)), grads = jax.value_and_grad(
+    (_, (terms, online_stats, target_stats, features)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.online_params)
     loss_scale, finite = None, jnp.array(True)
   else:
-    loss_scale, finite, (_, (terms, online_stats, target_stats)), grads = (
+    loss_scale, finite, (_, (terms, online_stats, target_stats, features)), grads = (
         state.loss_scale.value_and_grad(loss_fn, has_aux=True)(state.online_params))
 
   lr = lr_fn(state.step)
@@ -94,10 +97,15 @@ def train_step(state: TrainState, views, *, online_net, target_net, optimizer, l
                  skipped_step=1 - finite.astype(jnp.int32))
   if loss_scale is not None:
     metrics["loss_scale"] = loss_scale.scale
+  if probe is not None:
+    new_probe, probe_metrics = probe.update(state.probe, features[0], labels)
+    new_state = new_state.replace(probe=keep(new_probe, state.probe))
+    metrics.update(probe_metrics)
   return new_state, metrics
 
 
-def make_train_step(*, online_net, target_net, optimizer, lr_fn, tau_fn, cross_weight):
+def make_train_step(*, online_net, target_net, optimizer, lr_fn, tau_fn, cross_weight,
+                    probe=None):
   return functools.partial(train_step, online_net=online_net, target_net=target_net,
                            optimizer=optimizer, lr_fn=lr_fn, tau_fn=tau_fn,
-                           cross_weight=cross_weight)
+                           cross_weight=cross_weight, probe=probe)

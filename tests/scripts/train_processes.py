@@ -1,6 +1,7 @@
 """One process of a tiny pretraining run, alone or as one of several (jax.distributed on a
-localhost coordinator, gloo CPU collectives). Records the dataset indices this process
-read, per step, as JSON lines in RECORD. Device count comes from XLA_FLAGS."""
+localhost coordinator, gloo CPU collectives), with the kNN monitor and the online probe on.
+Records the dataset indices this process read, per step, as JSON lines in RECORD, and
+prints the monitors' final figures. Device count comes from XLA_FLAGS."""
 import argparse
 import json
 import sys
@@ -41,9 +42,12 @@ def main():
   config = load_config("tiny")
   config.data.update(name="image_folder", folder_root=args.image_folder)
   config.update(num_train_steps=2, checkpoint_every_steps=2, log_every_steps=2)
-  train.pretrain(config, args.workdir)
+  config.data.eval_split = "test"
+  config.monitor.every_steps = 2
+  metrics = train.pretrain(config, args.workdir)
   print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                    "local_devices": jax.local_device_count()}))
+                    "local_devices": jax.local_device_count(),
+                    **{k: metrics[k] for k in ("knn_top1", "online_probe_top1")}}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Semi-supervised fine-tuning (the paper's Table 2): the whole pretrained trunk plus a new
+linear head, trained end to end on a small labelled part of the training split.
+
+The labelled part: on ImageNet, tfds `imagenet2012_subset/1pct` or `/10pct` (SimCLR's
+subsets, the paper's); on any other dataset, a class-balanced sample of 1% or 10% of
+train_split fixed by finetune.label_seed. The protocol is BYOL's, as the CARE paper gives
+none (hyper-parameters and sources in the README): SGD with Nesterov momentum, no weight
+decay, random resized crops + flips, BatchNorm in training mode on the global batch, a
+cosine learning rate; evaluation on centre views of eval_split. Checkpoints and resumes as
+linear evaluation does (`supervised`).
+"""
+import functools
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from care_jax import parallel, pretrained
+from care_jax.data import augment, input_pipeline, sources
+from care_jax.errors import UserError
+from care_jax.evaluation import features, linear, supervised
+from care_jax.training import state as state_lib
+
+LABELS = {"1pct": 0.01, "10pct": 0.1, "all": 1.0}
+IMAGENET_SUBSETS = {"1pct": "imagenet2012_subset/1pct", "10pct": "imagenet2012_subset/10pct"}
+
+
+_head = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
+                          bias_init=nn.initializers.zeros)
+
+
+class Classifier(nn.Module):
+  """A CARE trunk, global average pooling and a linear layer."""
+  trunk: nn.Module
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    _, layer4 = self.trunk(images, train=train)
+    pooled = jnp.mean(layer4, axis=(1, 2)).astype(jnp.float32)
+    return _head(self.num_classes, name="head")(pooled)
+
+
+def labelled_data(config):
+  """(train data config, indices of the labelled examples or None for all of them)."""
+  ft, data = config.finetune, config.data.copy_and_resolve_references()
+  if ft.labels not in LABELS:
+    raise UserError(f"finetune.labels must be one of {sorted(LABELS)}, got {ft.labels!r}.")
+  if ft.labels == "all":
+    return data, None
+  if data.name == "imagenet2012":
+    train = data.copy_and_resolve_references()
+    train.name = IMAGENET_SUBSETS[ft.labels]
+    return train, None
+  labels = sources.open_source(data, data.train_split).labels()
+  return data, sources.stratified_indices(labels, LABELS[ft.labels], ft.label_seed)
+
+
+def _initial_trunk(config, image_size: int):
+  """(trunk module, its params, its BN statistics): pretrained or at random init."""
+  ft = config.finetune
+  if ft.encoder == "pretrained":
+    network, variables = pretrained.load(ft.pretrained_workdir)
+    params, stats = variables["params"], variables["batch_stats"]
+  else:
+    network, state = linear.random_init_state(config, image_size)
+    params, stats = state.online_params, state.online_stats
+  return network.trunk, params["trunk"], stats["trunk"]
+
+
+def finetune(config, workdir: str) -> dict:
+  """Fine-tunes finetune.encoder; writes and returns results.json's content."""
+  ft = config.finetune
+  supervised.check_workdir(workdir)
+  if ft.encoder not in ("pretrained", "random_init"):
+    raise UserError(f"finetune.encoder must be 'pretrained' or 'random_init', got "
+                    f"{ft.encoder!r}.")
+  linear._check_encoder(ft.encoder, ft.pretrained_workdir, "finetune")
+  if config.precision not in ("float32", "bfloat16"):
+    raise UserError(f"Fine-tuning runs in float32 or bfloat16, not {config.precision!r}; "
+                    "set --config.precision.")
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(ft.global_batch_size, mesh)
+  data = config.data.copy_and_resolve_references()
+  data.image_size = supervised.image_size(config, "finetune", linear.pretrained_config(ft))
+  train_data, train_indices = labelled_data(config)
+  train_data.image_size = data.image_size
+  info = input_pipeline.dataset_info(train_data)
+  num_train = info.num_train_examples if train_indices is None else len(train_indices)
+  supervised.check_batch_fits(num_train, ft.global_batch_size, "finetune.global_batch_size")
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
+  total_steps = ft.num_epochs * steps_per_epoch
+  run = supervised.Run(workdir, config, "finetune")
+
+  trunk, trunk_params, trunk_stats = _initial_trunk(config, data.image_size)
+  model = Classifier(trunk.clone(dtype=state_lib.PRECISIONS[config.precision]),
+                     info.num_classes)
+  head = _head(info.num_classes).init(jax.random.key(config.seed),
+                                      jnp.zeros((1, trunk.out_channels)))["params"]
+  params = {"trunk": trunk_params, "head": head}
+  lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
+  tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
+                   optax.sgd(lr, momentum=ft.momentum, nesterov=True))
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
+                          "batch_stats": {"trunk": trunk_stats},
+                          "opt_state": tx.init(params)}, replicated)
+  state, history = run.restore(state)
+  logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d steps.",
+               ft.pretrained_workdir if ft.encoder == "pretrained" else "a random init",
+               data.image_size, num_train, ft.labels, ft.num_epochs, steps_per_epoch)
+
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded),
+                     out_shardings=(replicated, replicated), donate_argnums=(0,))
+  def train_step(state, images, labels):
+    def loss_fn(params):
+      logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                                augment.normalize(images), train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": stats, "opt_state": opt_state}, loss
+
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded),
+                     out_shardings=sharded)
+  def logits_fn(state, images):
+    return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                       augment.normalize(images), train=False)
+
+  counts_fn = jax.jit(supervised.correct_counts,
+                      in_shardings=(sharded, sharded, sharded), out_shardings=replicated)
+
+  def evaluate(state):
+    return supervised.accuracy(sum(
+        counts_fn(*batch) for batch in features.embedded_batches(
+            functools.partial(logits_fn, state), data, data.eval_split, mesh)))
+
+  batches = input_pipeline.eval_batches(
+      train_data, split="train", global_batch_size=ft.global_batch_size, seed=config.seed,
+      start_step=int(state["step"]), process_index=jax.process_index(),
+      process_count=jax.process_count(), train_indices=train_indices)
+  try:
+    for step in range(int(state["step"]), total_steps):
+      batch = next(batches)
+      state, loss = train_step(state, *parallel.host_to_global(
+          mesh, (batch["image"], batch["label"])))
+      done = step + 1
+      epoch, into_epoch = divmod(done, steps_per_epoch)
+      if into_epoch == 0:
+        run.write_epoch(done, {"loss": float(loss), "learning_rate": float(lr(done)),
+                               "epoch": epoch})
+        if epoch == ft.num_epochs or epoch % ft.eval_every_epochs == 0:
+          history.append({"epoch": epoch, **evaluate(state)})
+          run.log_evaluation(done, epoch, ft.num_epochs, float(loss), history[-1])
+        run.save(done, state, history)
+      if done < total_steps and run.preempted(done, state, history):
+        return {}
+  finally:
+    batches.close()
+    run.close()
+  return run.write_results(supervised.summarise(
+      history, encoder=ft.pretrained_workdir if ft.encoder == "pretrained" else "random init",
+      labels=ft.labels, labelled_examples=num_train, epochs=ft.num_epochs,
+      image_size=data.image_size))

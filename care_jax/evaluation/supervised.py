@@ -1,0 +1,164 @@
+"""What linear evaluation and fine-tuning share: checks made before any work, a state that
+orbax checkpoints and a rerun resumes exactly, TensorBoard scalars, top-1/top-5 counts on
+the eval split, and results.json.
+
+An evaluation's workdir holds config.json, checkpoints/ (the state and the evaluations so
+far, at the end of every epoch and on SIGTERM) and, once it ends, results.json. Rerunning
+the same command resumes from the latest checkpoint; a rerun under settings that would
+change the result is refused, as in pretraining.
+"""
+import json
+import logging
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from clu import metric_writers
+
+from care_jax import checkpointing
+from care_jax.errors import UserError
+from care_jax.preemption import Preemption
+
+# Fields an evaluation's result depends on, and those under them that change nothing.
+_COMPARED = ("seed", "data", "model", "precision")
+_BOOKKEEPING = ("data.data_dir", "data.folder_root", "data.num_workers")
+
+
+def check_workdir(workdir) -> None:
+  """The workdir must be a directory we can write to: found now, not after the last epoch."""
+  path = pathlib.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"--workdir {workdir} is a file; pass a directory (it is created if "
+                    "missing).")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise UserError(f"Cannot write to --workdir {workdir} ({e.strerror}); pass a directory "
+                    "you can write to.") from None
+
+
+def check_batch_fits(num_examples: int, batch_size: int, field: str) -> None:
+  if batch_size > num_examples:
+    raise UserError(f"{field} {batch_size} is larger than the {num_examples} training "
+                    f"examples; set --config.{field} to at most {num_examples}.")
+
+
+def image_size(config, section: str, pretrained_config=None) -> int:
+  """The resolution to evaluate at: the pretraining run's, unless config.<section>.
+  image_size asks for another on purpose. Says which, and why."""
+  override = config[section].image_size
+  pretrained = None if pretrained_config is None else pretrained_config.data.image_size
+  if override > 0:
+    if pretrained is not None and override != pretrained:
+      logging.warning("Evaluating at %d px (%s.image_size); the encoder was pretrained at "
+                      "%d px.", override, section, pretrained)
+    return override
+  if pretrained is None:
+    return config.data.image_size
+  if pretrained != config.data.image_size:
+    logging.info("Evaluating at %d px, the pretraining run's resolution (not data.image_size "
+                 "%d); set --config.%s.image_size to choose another.", pretrained,
+                 config.data.image_size, section)
+  return pretrained
+
+
+def top_k_correct(logits, labels, mask, k: int):
+  top = jnp.argsort(-logits, axis=-1)[:, :k]
+  return jnp.sum(jnp.any(top == labels[:, None], axis=-1) & mask)
+
+
+def correct_counts(logits, labels, mask):
+  """[top-1 correct, top-5 correct, valid examples] of one batch."""
+  return jnp.stack([top_k_correct(logits, labels, mask, 1),
+                    top_k_correct(logits, labels, mask, min(5, logits.shape[-1])),
+                    jnp.sum(mask)])
+
+
+def accuracy(counts) -> dict:
+  top1, top5, examples = (int(c) for c in jax.device_get(counts))
+  return {"top1": top1 / examples, "top5": top5 / examples, "examples": examples}
+
+
+class Run:
+  """The bookkeeping of one evaluation run: checkpoints, metrics, preemption, results."""
+
+  def __init__(self, workdir, config, section: str):
+    self.workdir = pathlib.Path(workdir)
+    self.mgr = checkpointing.manager(workdir, keep=2)
+    if self.mgr.latest_step() is not None:
+      checkpointing.check_same_run(workdir, config, compared=_COMPARED + (section,),
+                                   resumable=_BOOKKEEPING)
+    checkpointing.save_config(workdir, config)
+    self.writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0)
+    # Per-epoch scalars go to TensorBoard only: a line per epoch would drown the log.
+    self._epoch_writer = (metric_writers.SummaryWriter(str(workdir))
+                          if jax.process_index() == 0 else None)
+    self._preemption = Preemption()
+
+  def restore(self, initial_state):
+    """(state, history): the latest checkpoint's, else (initial_state, [])."""
+    step = self.mgr.latest_step()
+    if step is None:
+      return initial_state, []
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial_state)
+    restored = checkpointing.restore_items(self.mgr, step,
+                                           state=ocp.args.StandardRestore(abstract),
+                                           history=ocp.args.JsonRestore())
+    logging.info("Resumed from the checkpoint of step %d in %s.", step, self.mgr.directory)
+    return restored.state, list(restored.history)
+
+  def save(self, step: int, state, history: list) -> None:
+    self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                history=ocp.args.JsonSave(history)),
+                  force=True)
+
+  def preempted(self, step: int, state, history: list) -> bool:
+    """On SIGTERM: checkpoints `step` (if not just saved) and says the loop must stop."""
+    if not self._preemption.reached(self.mgr, step):
+      return False
+    if self.mgr.latest_step() != step:
+      self.save(step, state, history)
+    self.mgr.wait_until_finished()
+    logging.warning("Preempted: saved the checkpoint of step %d; rerun the same command to "
+                    "resume.", step)
+    return True
+
+  def write_epoch(self, step: int, scalars: dict) -> None:
+    if self._epoch_writer is not None:
+      self._epoch_writer.write_scalars(step, scalars)
+
+  def log_evaluation(self, step: int, epoch: int, num_epochs: int, loss: float,
+                     evaluation: dict) -> None:
+    self.writer.write_scalars(step, {"top1": evaluation["top1"], "top5": evaluation["top5"]})
+    logging.info("epoch %d/%d: loss %.3f, top-1 %.4f, top-5 %.4f", epoch, num_epochs, loss,
+                 evaluation["top1"], evaluation["top5"])
+
+  def close(self) -> None:
+    self.mgr.wait_until_finished()
+    self.mgr.close()
+    self.writer.flush()
+    if self._epoch_writer is not None:
+      self._epoch_writer.flush()
+
+  def write_results(self, results: dict) -> dict:
+    """results.json, written atomically by process 0."""
+    if jax.process_index() == 0:
+      path = self.workdir / "results.json"
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text(json.dumps(results, indent=2))
+      tmp.replace(path)
+    return results
+
+
+def summarise(history: list, **fields) -> dict:
+  """results.json: the final and the best evaluation (the release reports the best)."""
+  best = max(history, key=lambda h: h["top1"])
+  return {**fields, "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"],
+          "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+          "history": history}

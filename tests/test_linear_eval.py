@@ -1,0 +1,148 @@
+"""Linear evaluation: results, exact resumption after SIGKILL, TensorBoard scalars, and the
+mistakes that used to end in a traceback or a silent wrong result."""
+import json
+import logging
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from care_jax.errors import UserError
+from care_jax.evaluation import linear
+from tests.conftest import ROOT, load_config
+
+
+def eval_config(image_folder, pretrained_workdir=None, **linear_eval):
+  config = load_config("tiny")
+  config.data.update(name="image_folder", folder_root=image_folder, eval_split="test")
+  config.mode = "linear_eval"
+  config.linear_eval.update(pretrained_workdir=pretrained_workdir, num_epochs=2,
+                            global_batch_size=6, eval_every_epochs=1)
+  config.linear_eval.update(**linear_eval)
+  return config
+
+
+@pytest.mark.parametrize("encoder,augment", [("pretrained", False), ("pretrained", True),
+                                             ("raw_pixels", False)])
+def test_linear_evaluation_writes_results(tmp_path, image_folder, pretrained_workdir,
+                                          encoder, augment):
+  # 6 does not divide the 16 test images: the last batch is padded and must be masked.
+  config = eval_config(image_folder, pretrained_workdir, encoder=encoder, augment=augment)
+  results = linear.evaluate(config, str(tmp_path))
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert [h["epoch"] for h in results["history"]] == [1, 2]
+  assert all(h["examples"] == 16 for h in results["history"])
+  assert 0.0 <= results["final_top1"] <= 1.0
+  assert results["final_top5"] == 1.0  # two classes: the true one is always in the top 5
+  assert results["best_top1"] == max(h["top1"] for h in results["history"])
+  assert (pretrained_workdir in results["encoder"]) == (encoder == "pretrained")
+
+
+def main_args(image_folder, pretrained_workdir, workdir, *extra):
+  return [sys.executable, "-m", "care_jax.main", "--config=configs/care.py:tiny",
+          f"--workdir={workdir}", "--config.mode=linear_eval",
+          "--config.data.name=image_folder", f"--config.data.folder_root={image_folder}",
+          "--config.data.eval_split=test",
+          f"--config.linear_eval.pretrained_workdir={pretrained_workdir}", *extra]
+
+
+# 64 training images in batches of 8: 8 steps an epoch, a checkpoint at the end of each.
+LONG_EVAL = ("--config.linear_eval.augment=True", "--config.linear_eval.num_epochs=30",
+             "--config.linear_eval.global_batch_size=8",
+             "--config.linear_eval.eval_every_epochs=7")
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*")
+                if p.name.isdigit())
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, image_folder,
+                                                            pretrained_workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  run = lambda workdir: subprocess.run(
+      main_args(image_folder, pretrained_workdir, workdir, *LONG_EVAL), cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  out = run(reference)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  process = subprocess.Popen(main_args(image_folder, pretrained_workdir, killed, *LONG_EVAL),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.monotonic() + 300
+  while not (checkpoint_steps(killed) and checkpoint_steps(killed)[-1] >= 16):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, "no checkpoint appeared"
+    time.sleep(0.1)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / "results.json").exists()
+  assert checkpoint_steps(killed)[-1] < 30 * 8
+  out = run(killed)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Resumed from the checkpoint of step" in out.stderr
+
+  want = json.loads((reference / "results.json").read_text())
+  assert json.loads((killed / "results.json").read_text()) == want
+  assert [h["epoch"] for h in want["history"]] == [7, 14, 21, 28, 30]
+
+  events = event_accumulator.EventAccumulator(str(reference))
+  events.Reload()
+  tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
+  assert {"loss", "learning_rate", "top1", "top5"} <= tags, tags
+
+
+def test_workdir_that_cannot_be_written_fails_before_any_work(tmp_path, image_folder):
+  # The encoder does not exist either: the workdir is checked first.
+  config = eval_config(image_folder, str(tmp_path / "no_such_run"))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match=r"--workdir .*file is a file; pass a directory"):
+    linear.evaluate(config, str(tmp_path / "file"))
+  with pytest.raises(UserError, match=r"Cannot write to --workdir .*file/run \(Not a dir"):
+    linear.evaluate(config, str(tmp_path / "file" / "run"))
+
+
+def test_batch_larger_than_the_split_is_a_one_line_error(tmp_path, image_folder):
+  config = eval_config(image_folder, encoder="raw_pixels", global_batch_size=128)
+  with pytest.raises(UserError, match=r"^linear_eval.global_batch_size 128 is larger than "
+                                      r"the 64 training examples; set --config.linear_eval."
+                                      r"global_batch_size to at most 64.$"):
+    linear.evaluate(config, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()  # nothing was started
+
+
+def test_cached_features_count_steps_on_the_examples_that_decode(tmp_path, caplog):
+  from care_jax.data import synthetic
+  synthetic.write_image_folder(str(tmp_path / "images"), splits={"train": 8, "test": 4},
+                               height=20, width=20)
+  for cls in ("cat", "dog"):  # 13 files a class, 5 of them not images: 16 of 26 decode
+    for i in range(5):
+      (tmp_path / "images" / "train" / cls / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+  config = eval_config(str(tmp_path / "images"), encoder="raw_pixels", global_batch_size=8,
+                       num_epochs=3)
+  with caplog.at_level(logging.WARNING):
+    results = linear.evaluate(config, str(tmp_path / "run"))
+  assert "bad0.jpg" in caplog.text
+  assert [h["examples"] for h in results["history"]] == [8, 8, 8]
+  assert checkpoint_steps(tmp_path / "run")[-1] == 3 * (16 // 8)  # not 3 x (26 // 8)
+
+
+def test_resolution_is_the_pretraining_runs_unless_overridden(tmp_path, image_folder,
+                                                             pretrained_workdir, caplog):
+  config = eval_config(image_folder, pretrained_workdir, augment=False, num_epochs=1)
+  config.data.image_size = 24  # the tiny pretraining ran at 16 px
+  with caplog.at_level(logging.INFO):
+    results = linear.evaluate(config, str(tmp_path / "default"))
+  assert results["image_size"] == 16
+  assert "Evaluating at 16 px, the pretraining run's resolution (not data.image_size 24)" \
+      in caplog.text
+  config.linear_eval.image_size = 24
+  with caplog.at_level(logging.INFO):
+    results = linear.evaluate(config, str(tmp_path / "override"))
+  assert results["image_size"] == 24
+  assert "Evaluating at 24 px (linear_eval.image_size); the encoder was pretrained at 16 px" \
+      in caplog.text
