@@ -57,27 +57,57 @@ def _colour_jitter(key, image):
   return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], branches, x), image)
 
 
-def _blur_kernel_size(image_size: int) -> int:
-  """About 10% of the image side, odd (23 at 224 px: the release's kernel)."""
-  return 2 * (image_size // 20) + 1
+_BLUR_PASSES = 3  # PIL's GaussianBlur is three box blurs along each axis
 
 
-def _gaussian_blur(image, sigma, kernel_size: int):
-  """pix.gaussian_blur (separable, zero "SAME" padding) as two products with banded
-  matrices. Under vmap, pix's depthwise convolutions become a per-example convolution,
-  which XLA:CPU runs slowly (~45 ms of the demo's 680 ms step); batched products are cheap
-  on every backend."""
-  radius = kernel_size // 2
-  taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  weights = jnp.exp(-taps**2 / (2. * sigma**2))
-  weights = weights / jnp.sum(weights)
+def _box_radius(sigma):
+  """The fractional radius of each of PIL's box blurs for a Gaussian of `sigma` (Pillow's
+  `_gaussian_blur_radius`, after Gwosdek et al. 2011): whole part l, and a fraction that
+  weights the pixels at distance l + 1 so the three passes have variance sigma^2."""
+  variance = sigma**2 / _BLUR_PASSES
+  whole = jnp.floor((jnp.sqrt(12. * variance + 1.) - 1.) / 2.)
+  fraction = ((2. * whole + 1.) * (whole * (whole + 1.) - 3. * variance)
+              / (6. * (variance - (whole + 1.)**2)))
+  return whole + fraction
 
-  def band(n):  # band[i, j] = weights[j - i + radius] within the radius, else 0
-    offset = jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + radius
-    inside = (offset >= 0) & (offset <= 2 * radius)
-    return jnp.where(inside, weights[jnp.clip(offset, 0, 2 * radius)], 0.)
 
-  return jnp.einsum("ij,jkc,lk->ilc", band(image.shape[0]), image, band(image.shape[1]))
+def _box_blur_matrix(n: int, radius):
+  """[n, n]: one pass of PIL's box blur along an axis of n pixels, out[i] = m[i] . in.
+
+  Weight 1/(2r+1) within distance floor(r), (r - floor(r))/(2r+1) at floor(r) + 1. PIL
+  repeats the edge pixel beyond the border, so the taps that fall outside the image are
+  folded onto the first and last pixel: every row sums to 1, and there is no dark frame.
+  """
+  whole = jnp.floor(radius)
+  inner, far = 1. / (2. * radius + 1.), (radius - whole) / (2. * radius + 1.)
+
+  def up_to(d):  # the weight of the taps at offsets <= d
+    return (far * (d >= -whole - 1) + inner * jnp.clip(d + whole + 1, 0, 2 * whole + 1)
+            + far * (d >= whole + 1))
+
+  columns = jnp.arange(n)[None, :]
+  offset = columns - jnp.arange(n)[:, None]
+  return (jnp.where(columns == n - 1, 1., up_to(offset))
+          - jnp.where(columns == 0, 0., up_to(offset - 1)))
+
+
+def _gaussian_blur(image, sigma):
+  """PIL's ImageFilter.GaussianBlur(radius=sigma), the release's blur (spec
+  "Augmentations"), on a float HWC image: three box blurs along each axis, composed into
+  one matrix per axis and applied as two matrix products. PIL rounds to uint8 after each
+  pass; this does not.
+
+  Under vmap, a convolution per example is slow on XLA:CPU (~45 ms of the demo's 680 ms
+  step); batched matrix products are cheap on every backend.
+  """
+  radius = _box_radius(sigma)
+
+  def blur_matrix(n):
+    box = _box_blur_matrix(n, radius)
+    return box @ box @ box
+
+  return jnp.einsum("ij,jkc,lk->ilc", blur_matrix(image.shape[0]), image,
+                    blur_matrix(image.shape[1]))
 
 
 def _colour_augment(key, image, blur_prob, solarize_prob):
@@ -92,7 +122,7 @@ def _colour_augment(key, image, blur_prob, solarize_prob):
   grey = jnp.broadcast_to(pix.rgb_to_grayscale(image, keep_dims=True), image.shape)
   image = jnp.where(coin(keys[2], _GRAYSCALE_PROB), grey, image)
   sigma = jax.random.uniform(keys[3], minval=_SIGMA_RANGE[0], maxval=_SIGMA_RANGE[1])
-  blurred = _gaussian_blur(image, sigma, _blur_kernel_size(image.shape[0]))
+  blurred = _gaussian_blur(image, sigma)
   image = jnp.where(coin(keys[4], blur_prob), blurred, image)
   return jnp.where(coin(keys[5], solarize_prob), pix.solarize(image, 0.5), image)
 
