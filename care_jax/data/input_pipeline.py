@@ -150,6 +150,11 @@ def random_view_batches(source: sources.Source, *, num_views: int, image_size: i
   slots = _process_slots(global_batch_size, process_index, process_count)
   _check_fits(source, global_batch_size)
   order = _EpochOrder(len(source), global_batch_size, seed)
+  if isinstance(source, sources.ArraySource):  # Decoded in memory: crops by the chunk.
+    from care_jax.data import array_pipeline  # noqa: PLC0415  (only in-memory splits)
+    return _prefetched(itertools.count(start_step), *array_pipeline.view_jobs(
+        source, order, slots, seed=seed, num_views=num_views, image_size=image_size,
+        min_scale=min_scale, num_workers=num_workers), num_workers)
 
   def jobs(step):
     indices = order.global_batch(step)

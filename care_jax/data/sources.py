@@ -1,10 +1,14 @@
 """Where datasets live, how big they are, and random access to their encoded examples.
 
-Two kinds of source, both read by example index so that a batch is a pure function of
+Three kinds of source, all read by example index so that a batch is a pure function of
 (seed, step) and each process reads only its own examples:
   - tfds datasets prepared as array_record (fashion_mnist, imagenet2012 and its 1pct/10pct
     subsets), read through tfds' data source with image decoding skipped;
-  - the user's own images in ROOT/<split>/<class>/<file> (tfds ImageFolder's layout).
+  - the user's own images in ROOT/<split>/<class>/<file> (tfds ImageFolder's layout);
+  - fashion_mnist_idx: Fashion-MNIST's original idx files read into memory as uint8
+    arrays, with no tensorflow or tfds (data_dir: their folder, default Debian's). It is a
+    name of its own rather than a fallback of fashion_mnist because tfds stores the
+    examples shuffled: the same seed would give other batches on a machine without tfds.
 
 Existence and sizes are read from the prepared dataset's json files, before importing
 tensorflow_datasets, so that a missing dataset is reported in well under a second.
@@ -24,6 +28,7 @@ from care_jax.data.errors import DataError, DatasetNotFoundError
 TFDS_DATASETS = ("fashion_mnist", "imagenet2012", "imagenet2012_subset/1pct",
                  "imagenet2012_subset/10pct")
 IMAGE_FOLDER = "image_folder"
+FASHION_MNIST_IDX = "fashion_mnist_idx"
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _IN_MEMORY_BYTES = 256 * 2**20
 _PREPARE = "python -m care_jax.data.prepare"
@@ -45,11 +50,12 @@ class DatasetInfo:
 
 
 class Source(Protocol):
-  """Random access to one split: encoded image bytes and integer label by index."""
+  """Random access to one split by index: the image, encoded (bytes) or already decoded
+  (a uint8 array, [H, W] grey or [H, W, 3] RGB), and its integer label."""
 
   def __len__(self) -> int: ...
 
-  def read(self, index: int) -> tuple[bytes, int]: ...
+  def read(self, index: int) -> tuple[bytes | np.ndarray, int]: ...
 
   def describe(self, index: int) -> str:
     """Names the example in log messages (file name or dataset/split[index])."""
@@ -190,9 +196,13 @@ def _folder_root(config) -> str:
 
 
 def _check_name(name: str) -> None:
-  if name not in TFDS_DATASETS + (IMAGE_FOLDER,):
-    raise DataError(f"Unknown dataset {name!r}; choose one of: "
-                    f"{', '.join(TFDS_DATASETS + (IMAGE_FOLDER,))}.")
+  names = TFDS_DATASETS + (IMAGE_FOLDER, FASHION_MNIST_IDX)
+  if name not in names:
+    raise DataError(f"Unknown dataset {name!r}; choose one of: {', '.join(names)}.")
+
+
+def _idx_folder(config) -> str:
+  return os.path.expanduser(config.data_dir or FASHION_MNIST_DEBIAN_DIR)
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -204,6 +214,13 @@ def dataset_info(config) -> DatasetInfo:
                        len(_folder_files(root, config.train_split, config.train_split)),
                        len(_folder_files(root, config.eval_split, config.train_split)),
                        len(_folder_classes(root, config.train_split)))
+  if config.name == FASHION_MNIST_IDX:
+    from care_jax.data import fashion_mnist  # noqa: PLC0415  (it imports this module)
+    folder = _idx_folder(config)
+    num_train, num_eval = (
+        fashion_mnist.read_idx_length(fashion_mnist.split_files(folder, split)[1])
+        for split in (config.train_split, config.eval_split))
+    return DatasetInfo(config.name, folder, num_train, num_eval, fashion_mnist.NUM_CLASSES)
   version_dir = tfds_version_dir(config.name, config.data_dir)
   sizes = _tfds_split_sizes(version_dir)
   for split in (config.train_split, config.eval_split):
@@ -269,11 +286,42 @@ class FolderSource:
     return np.asarray([label for _, label in self._files], np.int64)
 
 
+class ArraySource:
+  """A split already decoded in memory: uint8 images [N, H, W] (grey) or [N, H, W, 3]
+  (RGB) and their labels. The views are cut from the arrays, with no encode/decode."""
+
+  def __init__(self, name: str, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise DataError(f"{name}: {len(images)} images but {len(labels)} labels.")
+    self._name, self._images, self._labels = name, images, np.asarray(labels, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def read(self, index: int) -> tuple[np.ndarray, int]:
+    return self._images[index], int(self._labels[index])
+
+  @property
+  def images(self) -> np.ndarray:
+    """All images, for batch-at-a-time cropping (array_pipeline)."""
+    return self._images
+
+  def describe(self, index: int) -> str:
+    return f"{self._name}[{index}]"
+
+  def labels(self) -> np.ndarray:
+    return self._labels
+
+
 def open_source(config, split: str) -> Source:
   """Random access to `split` of config.data's dataset; raises DatasetNotFoundError."""
   _check_name(config.name)
   if config.name == IMAGE_FOLDER:
     return FolderSource(_folder_files(_folder_root(config), split, config.train_split))
+  if config.name == FASHION_MNIST_IDX:
+    from care_jax.data import fashion_mnist  # noqa: PLC0415  (it imports this module)
+    return ArraySource(f"{config.name}/{split}",
+                       *fashion_mnist.read_split(_idx_folder(config), split))
   version_dir = tfds_version_dir(config.name, config.data_dir)
   _check_split(config.name, split, _tfds_split_sizes(version_dir))
   return TfdsSource(version_dir, split)
