@@ -152,8 +152,7 @@ def finetune(config, workdir: str) -> dict:
       done = step + 1
       epoch, into_epoch = divmod(done, steps_per_epoch)
       if into_epoch == 0:
-        run.write_epoch(done, {"loss": float(loss), "learning_rate": float(lr(done)),
-                               "epoch": epoch})
+        run.write_epoch(done, epoch, ft.num_epochs, float(loss), float(lr(done)))
         if epoch == ft.num_epochs or epoch % ft.eval_every_epochs == 0:
           history.append({"epoch": epoch, **evaluate(state)})
           run.log_evaluation(done, epoch, ft.num_epochs, float(loss), history[-1])

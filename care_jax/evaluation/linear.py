@@ -209,8 +209,7 @@ def evaluate(config, workdir: str) -> dict:
       if state is None:
         return {}
       step = int(state["step"])
-      run.write_epoch(step, {"loss": float(loss), "learning_rate": float(lr(step)),
-                             "epoch": epoch})
+      run.write_epoch(step, epoch, lin.num_epochs, float(loss), float(lr(step)))
       if epoch == lin.num_epochs or epoch % lin.eval_every_epochs == 0:
         history.append({"epoch": epoch, **evaluate_head(state)})
         run.log_evaluation(step, epoch, lin.num_epochs, float(loss), history[-1])

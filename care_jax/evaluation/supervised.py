@@ -11,6 +11,7 @@ import json
 import logging
 import pathlib
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,7 @@ class Run:
     self._epoch_writer = (metric_writers.SummaryWriter(str(workdir))
                           if jax.process_index() == 0 else None)
     self._preemption = Preemption()
+    self._progress, self._last_line = None, time.monotonic()
 
   def restore(self, initial_state):
     """(state, history): the latest checkpoint's, else (initial_state, [])."""
@@ -129,9 +131,21 @@ class Run:
                     "resume.", step)
     return True
 
-  def write_epoch(self, step: int, scalars: dict) -> None:
+  def write_epoch(self, step: int, epoch: int, num_epochs: int, loss: float,
+                  learning_rate: float) -> None:
+    """TensorBoard gets every epoch; the log a progress line at most every 30 s."""
     if self._epoch_writer is not None:
-      self._epoch_writer.write_scalars(step, scalars)
+      self._epoch_writer.write_scalars(step, {"loss": loss, "learning_rate": learning_rate,
+                                              "epoch": epoch})
+    now = time.monotonic()
+    if self._progress is None:  # (time, epoch) of this process's first epoch end
+      self._progress = (now, epoch)
+    started, first = self._progress
+    if now - self._last_line >= 30 and epoch > first:
+      self._last_line = now
+      per_epoch = (now - started) / (epoch - first)
+      logging.info("epoch %d/%d: loss %.3f, lr %.3g (%.1f s an epoch, ETA %.0f s)", epoch,
+                   num_epochs, loss, learning_rate, per_epoch, per_epoch * (num_epochs - epoch))
 
   def log_evaluation(self, step: int, epoch: int, num_epochs: int, loss: float,
                      evaluation: dict) -> None:
