@@ -1,6 +1,5 @@
 """fashion_mnist_idx: Fashion-MNIST's idx files read as arrays, without tensorflow or tfds,
 through the same input pipeline (crops from arrays, batch at a time)."""
-import gzip
 import os
 
 import cv2
@@ -10,15 +9,10 @@ import pytest
 
 from care_jax.data import fashion_mnist, input_pipeline, sources, views
 from care_jax.data.errors import DataError, DatasetNotFoundError
+from tests.idx_files import write_flat_fashion_mnist
 
 DEBIAN_DIR = sources.FASHION_MNIST_DEBIAN_DIR
 NUM_TRAIN, NUM_TEST = 24, 6
-
-
-def write_idx(path, array: np.ndarray) -> None:
-  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
 
 
 def data_config(**fields):
@@ -29,14 +23,8 @@ def data_config(**fields):
 
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
-  """Tiny idx files in Fashion-MNIST's names: image i is flat grey 8 * i (its own id),
-  label i mod 10."""
   folder = tmp_path_factory.mktemp("idx")
-  for split, count, offset in (("train", NUM_TRAIN, 0), ("test", NUM_TEST, NUM_TRAIN)):
-    ids = np.arange(offset, offset + count)
-    images_file, labels_file = sources.FASHION_MNIST_FILES[split]
-    write_idx(folder / images_file, np.broadcast_to(8 * ids[:, None, None], (count, 28, 28)))
-    write_idx(folder / labels_file, ids % 10)
+  write_flat_fashion_mnist(folder, NUM_TRAIN, NUM_TEST)
   return str(folder)
 
 

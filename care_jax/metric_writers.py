@@ -1,0 +1,119 @@
+"""Metric writers (TensorBoard events and log lines) and the profiling hook, with or
+without clu.
+
+The trainer and the evaluations call this module as they would clu's `metric_writers`
+(create_default_writer, SummaryWriter) and `periodic_actions.Profile`. Where clu imports,
+these are clu's. clu needs tensorflow, which the GPU machines lack (gpu-runbook): there
+the same calls write TensorBoard event files with the `tensorboard` package alone, scalars
+stored as the tensor summaries tf.summary writes, so that TensorBoard, EventAccumulator
+and care_jax.plot read both alike, and log lines through absl logging.
+"""
+import logging
+import time
+
+import jax
+
+try:
+  from clu import metric_writers as _clu_writers, periodic_actions as _clu_actions
+except ImportError:  # No clu, or clu without tensorflow.
+  _clu_writers = _clu_actions = None
+
+HAVE_CLU = _clu_writers is not None
+
+
+class _LogWriter:
+  """Scalars as one log line per call, as clu's LoggingWriter writes them."""
+
+  def write_scalars(self, step: int, scalars) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}"
+                                            for k, v in sorted(scalars.items())))
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class _EventWriter:
+  """Scalars into a TensorBoard event file in `logdir`, with no tensorflow."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import summary_pb2  # noqa: PLC0415
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: PLC0415
+    self._file = EventFileWriter(str(logdir))
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+  def write_scalars(self, step: int, scalars) -> None:
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2  # noqa: PLC0415
+    from tensorboard.compat.proto import tensor_shape_pb2, types_pb2  # noqa: PLC0415
+    values = [summary_pb2.Summary.Value(
+        tag=tag, metadata=self._metadata,
+        tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[float(value)],
+                                      tensor_shape=tensor_shape_pb2.TensorShapeProto()))
+              for tag, value in scalars.items()]
+    self._file.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                         summary=summary_pb2.Summary(value=values)))
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class _Writers:
+  """Every call goes to each writer."""
+
+  def __init__(self, writers: list):
+    self._writers = writers
+
+  def write_scalars(self, step: int, scalars) -> None:
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    for writer in self._writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self._writers:
+      writer.close()
+
+
+def create_default_writer(logdir, *, just_logging: bool = False):
+  """Log lines, plus TensorBoard events in `logdir` unless just_logging (other processes)."""
+  if HAVE_CLU:
+    return _clu_writers.create_default_writer(logdir, just_logging=just_logging)
+  return _Writers([_LogWriter()] + ([] if just_logging else [_EventWriter(logdir)]))
+
+
+def SummaryWriter(logdir):  # noqa: N802  (clu's class name)
+  """TensorBoard events only, no log lines."""
+  if HAVE_CLU:
+    return _clu_writers.SummaryWriter(str(logdir))
+  return _EventWriter(logdir)
+
+
+class _Profile:
+  """Traces steps first_profile .. first_profile + num_profile_steps into `logdir`."""
+
+  def __init__(self, logdir, num_profile_steps: int, first_profile: int):
+    self._logdir, self._start = str(logdir), first_profile
+    self._stop = first_profile + num_profile_steps
+
+  def __call__(self, step: int) -> None:
+    if step == self._start:
+      jax.profiler.start_trace(self._logdir)
+      logging.info("Profiling steps %d to %d into %s.", self._start, self._stop, self._logdir)
+    elif step == self._stop:
+      jax.profiler.stop_trace()
+
+
+def Profile(*, logdir, num_profile_steps: int, first_profile: int):  # noqa: N802
+  """A hook, called with each completed step, that traces num_profile_steps steps."""
+  if HAVE_CLU:
+    return _clu_actions.Profile(logdir=logdir, num_profile_steps=num_profile_steps,
+                                first_profile=first_profile)
+  return _Profile(logdir, num_profile_steps, first_profile)
