@@ -3,7 +3,9 @@
   python -m care_jax.bench input --images=DIR   host side of the pretraining input pipeline
   python -m care_jax.bench step [--preset=r50_100ep --batch_per_device=128 --precision=...]
                                                  the jitted train step on synthetic crops,
-                                                 next to the same step without the T-stream
+                                                 next to the same step without the T-stream:
+                                                 pairs/s, FLOPs/pair, TFLOP/s, fraction of
+                                                 the card's rate, peak memory
 
 Each subcommand imports what it needs when it runs, so one benchmark's dependencies do not
 slow down or break another.
@@ -14,6 +16,9 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
+
+from care_jax.errors import UserError
 
 
 def _cpu_model() -> str:
@@ -32,68 +37,176 @@ def machine_info() -> dict:
           "platform": platform.platform()}
 
 
+# Matrix rates (TFLOP/s) the step's FLOP rate is compared with, by device kind: the dense
+# bfloat16 rate measured on these cards (docs: /work/shared gpu-runbook, ~790 on H100 and
+# H200; the H100 SXM datasheet says 989). Other devices: pass --peak_tflops.
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class _SkipCountingSource:
+  """A source that remembers which examples the pipeline reported as undecodable (it
+  describes an example only to name it in a skip warning or error)."""
+
+  def __init__(self, source):
+    self._source, self.skipped = source, set()
+
+  def __len__(self):
+    return len(self._source)
+
+  def read(self, index):
+    return self._source.read(index)
+
+  def describe(self, index):
+    self.skipped.add(index)
+    return self._source.describe(index)
+
+
+def _example_size(paths, limit: int = 1000):
+  """'WxH' of the first of `paths` whose header reads, None if none of the first `limit`."""
+  from care_jax.data import views
+  for path in paths[:limit]:
+    try:
+      with open(path, "rb") as f:
+        height, width = views.image_size(f.read())
+      return f"{width}x{height}"
+    except (views.UndecodableImageError, OSError):
+      continue
+  return None
+
+
 def bench_input(args) -> dict:
-  """Times reading, decoding and cropping both pretraining views of the JPEGs in a folder.
+  """Times reading, decoding and cropping both pretraining views of the images (JPEG or
+  PNG) in a folder.
 
   Runs the pipeline's own engine (input_pipeline.random_view_batches) on the files, so the
   figure includes file reads, header parsing, decoding, crops, resizes, flips, batching.
+  Undecodable files are replaced as in training and counted; if nothing decodes, the
+  result says so (images_per_sec null) instead of timing nothing.
   """
   import cv2
   import PIL
 
   from care_jax.data import input_pipeline, sources, synthetic
+  from care_jax.data.errors import DataError
 
+  for name in ("image_size", "workers", "batch_size", "num_images"):
+    if getattr(args, name) < 1:
+      raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
   if args.make:
     synthetic.write_jpegs(args.images, args.make)
+  if not os.path.isdir(args.images):
+    raise UserError(f"--images={args.images} is not a folder (make one with --make=N).")
   paths = sorted(os.path.join(root, f) for root, _, files in os.walk(args.images)
-                 for f in files if f.lower().endswith((".jpg", ".jpeg")))
+                 for f in files if f.lower().endswith(IMAGE_SUFFIXES))
   if not paths:
-    raise SystemExit(f"No .jpg files in {args.images} (make some with --make=N).")
-  source = sources.FolderSource(tuple((p, 0) for p in paths))
+    raise UserError(f"No .jpg, .jpeg or .png files in {args.images} (make some with --make=N).")
+  source = _SkipCountingSource(sources.FolderSource(tuple((p, 0) for p in paths)))
   batch_size = min(args.batch_size, len(paths))
   batches = input_pipeline.random_view_batches(
       source, num_views=2, image_size=args.image_size, min_scale=0.08,
       global_batch_size=batch_size, seed=0, start_step=0, process_index=0, process_count=1,
       num_workers=args.workers)
-  next(batches)  # Warm-up: thread pool, page cache, first prefetches.
   num_batches = max(1, -(-args.num_images // batch_size))
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(batches)
-  seconds = time.perf_counter() - start
-  batches.close()
-  rate = num_batches * batch_size / seconds
-  sample = PIL.Image.open(paths[0]).size
-  return {"benchmark": "input", "images_per_sec": round(rate, 1),
-          "images_per_sec_per_core": round(rate / args.workers, 1), "cores_used": args.workers,
-          "views_per_image": 2, "image_size": args.image_size, "images_timed":
-          num_batches * batch_size, "distinct_images": len(paths),
-          "source_size_example": f"{sample[0]}x{sample[1]}", "seconds": round(seconds, 2),
-          "opencv": cv2.__version__, "pillow": PIL.__version__, **machine_info()}
+  rate, seconds, replaced, error = None, None, 0, None
+  try:
+    next(batches)  # Warm-up: thread pool, page cache, first prefetches.
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      replaced += sum(result[3] for result in next(batches))
+    seconds = time.perf_counter() - start
+    rate = num_batches * batch_size / seconds
+  except DataError as e:
+    error = f"nothing to time: {e}"
+  finally:
+    batches.close()
+  result = {"benchmark": "input",
+            "images_per_sec": None if rate is None else round(rate, 1),
+            "images_per_sec_per_core": None if rate is None else round(rate / args.workers, 1),
+            "cores_used": args.workers, "views_per_image": 2, "image_size": args.image_size,
+            "images_timed": 0 if rate is None else num_batches * batch_size,
+            "distinct_images": len(paths), "files_skipped": len(source.skipped),
+            "examples_replaced_while_timed": replaced,
+            "source_size_example": _example_size(paths),
+            "seconds": None if seconds is None else round(seconds, 2),
+            "opencv": cv2.__version__, "pillow": PIL.__version__, **machine_info()}
+  if error:
+    result["error"] = error
+  return result
+
+
+def _preset_config(preset: str):
+  from care_jax import cli
+  try:
+    return cli.load_config(preset=preset)
+  except ValueError as e:  # configs/care.py: unknown preset, with the list of presets
+    raise UserError(str(e)) from None
+
+
+def peak_tflops(device_kind: str, given: float = 0.0):
+  """(TFLOP/s the step's rate is compared with, where that figure comes from)."""
+  if given:
+    return given, "--peak_tflops"
+  for name, rate in PEAK_TFLOPS.items():
+    if name in device_kind:
+      return rate, f"dense bfloat16 matrix rate measured on {name} cards (GPU runbook)"
+  return None, f"unknown for {device_kind!r}: pass --peak_tflops"
+
+
+def _step_figures(global_batch: int, median: float, flops: Optional[float],
+                  peak: Optional[float]) -> dict:
+  """Throughput, FLOPs per image pair, achieved TFLOP/s and the fraction of `peak`."""
+  tflops = None if flops is None else flops / median / 1e12
+  return {"step_seconds_median": round(median, 4),
+          "image_pairs_per_sec": round(global_batch / median, 1),
+          "flops_per_image_pair": None if flops is None else float(f"{flops / global_batch:.4g}"),
+          "achieved_tflops": None if tflops is None else float(f"{tflops:.4g}"),
+          "fraction_of_peak": None if tflops is None or not peak else round(tflops / peak, 4)}
 
 
 def bench_step(args) -> dict:
   """Median time of the jitted step (device augmentation + train step) on synthetic uint8
-  crops, and the same with no T-stream blocks (the T-head on pooled layer3: about the
-  cost of plain BYOL plus one head),
-  measured in the same process. Imports no tensorflow or tfds: runs on a bare GPU box."""
+  crops, for the CARE network and, in the same process, the same step with no T-stream
+  blocks (the T-head on pooled layer3: about the cost of plain BYOL plus one head).
+
+  FLOPs are XLA's count for the timed program itself (augmentation included), from the
+  lowered program or, where the backend gives none there (JAX 0.11 on CUDA), the compiled
+  one; null if neither has one, and the timing is reported all the same. The device keeps
+  one peak memory per process: it is reported for the first variant only. Imports no
+  tensorflow, tfds or clu: runs on a bare GPU machine.
+  """
   import jax
   import numpy as np
 
-  from care_jax import cli, parallel, summary
+  from care_jax import parallel, summary
   from care_jax.training import pretraining
+
+  for name, least in (("batch_per_device", 1), ("steps", 1), ("warmup", 0),
+                      ("image_size", 0), ("profile_steps", 0)):
+    if getattr(args, name) < least:
+      raise UserError(f"--{name} must be at least {least}, got {getattr(args, name)}.")
+  if args.peak_tflops < 0:
+    raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}.")
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in variants if v not in ("care", "without_t_stream")]
+  if unknown or not variants:
+    raise UserError(f"--variants takes care and/or without_t_stream, comma-separated; got "
+                    f"{args.variants!r}.")
+  _preset_config(args.preset)  # An unknown preset stops here, before any compilation.
 
   mesh = parallel.create_mesh()
   devices = mesh.devices.size
+  device_kind = jax.devices()[0].device_kind
+  peak, peak_basis = peak_tflops(device_kind, args.peak_tflops)
 
-  def measure(t_blocks):
-    config = cli.load_config(preset=args.preset)
+  def measure(variant, first):
+    config = _preset_config(args.preset)
     config.precision = args.precision
     config.global_batch_size = args.batch_per_device * devices
     if args.image_size:
       config.data.image_size = args.image_size
-    if t_blocks is not None:
-      config.model.t_stream.num_blocks = t_blocks
+    if variant == "without_t_stream":
+      config.model.t_stream.num_blocks = 0
     setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100000)
     state = setup.init_state(jax.random.key(0), parallel.replicated(mesh))
 
@@ -101,10 +214,10 @@ def bench_step(args) -> dict:
     crops = np.random.default_rng(0).integers(
         0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
     batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
-    train_step = setup.jitted_step(mesh)
     start = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
+    lowered = setup.jitted_step(mesh).lower(state, batch)
+    train_step = lowered.compile(
+        compiler_options=pretraining.FAST_COMPILE if args.fast_compile else None)
     compile_seconds = time.perf_counter() - start
     times = []
     for _ in range(args.warmup + args.steps):
@@ -112,25 +225,51 @@ def bench_step(args) -> dict:
       state, metrics = train_step(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
-    median = float(np.median(times[args.warmup:]))
-    stats = jax.local_devices()[0].memory_stats() or {}
-    flops = summary.train_step_flops(setup, setup.abstract_state())
-    return {"step_seconds_median": round(median, 4),
-            "image_pairs_per_sec": round(config.global_batch_size / median, 1),
-            "first_step_seconds": round(compile_seconds, 1),
-            "flops_per_image_pair": flops,
-            "achieved_tflops": round(flops * config.global_batch_size / median / 1e12, 3),
-            "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None}
+    if args.profile_dir and first and args.profile_steps:
+      with jax.profiler.trace(os.path.join(args.profile_dir, variant)):
+        for _ in range(args.profile_steps):
+          state, metrics = train_step(state, batch)
+        jax.block_until_ready(metrics)
+    stats = (jax.local_devices()[0].memory_stats() or {}) if first else {}
+    peak_bytes = stats.get("peak_bytes_in_use")
+    flops = summary.program_flops(lowered, train_step, devices)
+    figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
+                            flops, peak)
+    return {**figures, "compile_seconds": round(compile_seconds, 1),
+            "steps_timed": args.steps,
+            "peak_memory_gib": None if peak_bytes is None else round(peak_bytes / 2**30, 2),
+            "finite_loss": bool(np.isfinite(np.asarray(metrics["loss"])))
+            if "loss" in metrics else None}
 
-  care = measure(None)
-  without_t = measure(0)
-  return {"benchmark": "step", "preset": args.preset, "precision": args.precision,
-          "devices": devices, "device": jax.devices()[0].device_kind,
-          "batch_per_device": args.batch_per_device, "care": care,
-          "without_t_stream": without_t,
-          "t_stream_share_of_step": round(1 - without_t["step_seconds_median"]
-                                          / care["step_seconds_median"], 3),
-          "jax": jax.__version__, **machine_info()}
+  results = {}
+  for i, variant in enumerate(variants):
+    results[variant] = measure(variant, first=i == 0)
+    print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
+  result = {"benchmark": "step", "preset": args.preset, "precision": args.precision,
+            "devices": devices, "device": device_kind,
+            "batch_per_device": args.batch_per_device, "image_size": args.image_size or None,
+            "assumed_peak_tflops": peak, "peak_tflops_basis": peak_basis, **results}
+  if len(results) == 2:
+    result["t_stream_share_of_step"] = round(
+        1 - results["without_t_stream"]["step_seconds_median"]
+        / results["care"]["step_seconds_median"], 3)
+  import jaxlib
+  return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
+def _describe(r: dict, peak) -> str:
+  """One readable line of a variant's figures."""
+  line = (f"{r['image_pairs_per_sec']} image pairs/s, median step "
+          f"{r['step_seconds_median'] * 1e3:.1f} ms")
+  if r["flops_per_image_pair"] is None:
+    line += ", FLOPs unavailable (XLA gave no cost analysis)"
+  else:
+    line += f", {r['flops_per_image_pair']:.3g} FLOPs/pair, {r['achieved_tflops']} TFLOP/s"
+    line += (f" = {100 * r['fraction_of_peak']:.1f}% of {peak:g}" if peak
+             else " (card's rate unknown: --peak_tflops)")
+  if r["peak_memory_gib"] is not None:
+    line += f", peak {r['peak_memory_gib']} GiB"
+  return line
 
 
 def main(argv=None) -> None:
@@ -139,7 +278,8 @@ def main(argv=None) -> None:
   commands = parser.add_subparsers(dest="command", required=True)
 
   p = commands.add_parser("input", help="host side of the pretraining input pipeline")
-  p.add_argument("--images", required=True, help="folder of JPEGs (searched recursively)")
+  p.add_argument("--images", required=True,
+                 help="folder of JPEGs or PNGs (searched recursively)")
   p.add_argument("--make", type=int, default=0,
                  help="first write this many synthetic 500x375 JPEGs into --images")
   p.add_argument("--image_size", type=int, default=224)
@@ -157,12 +297,31 @@ def main(argv=None) -> None:
   p.add_argument("--image_size", type=int, default=0, help="0: the preset's")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  p.add_argument("--variants", default="care,without_t_stream",
+                 help="comma-separated: care, without_t_stream (in this order of timing; "
+                      "peak memory is reported for the first only)")
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="the card's matrix rate for the fraction of peak; 0: ~790 on "
+                      "H100/H200 (measured bf16), unknown elsewhere")
+  p.add_argument("--profile_dir", default="",
+                 help="also write a jax.profiler trace of --profile_steps steps here")
+  p.add_argument("--profile_steps", type=int, default=3)
+  p.add_argument("--fast_compile", action="store_true",
+                 help="compile without XLA's backend optimisations: a quicker start and a "
+                      "slower step, for smoke tests of this command only")
   p.set_defaults(run=bench_step)
 
   args = parser.parse_args(argv)
-  result = args.run(args)
+  try:
+    result = args.run(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(json.dumps(result))
   sys.stdout.flush()
+  if result.get("error"):
+    print(f"error: {result['error']}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""The benchmarks and the summary finish and report whatever the input, and say in one line
+what to fix when they cannot start."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+
+from care_jax import bench, summary
+from care_jax.data import synthetic
+from tests.conftest import ROOT
+
+# Run first in a child interpreter: any later `import tensorflow` (or tfds, clu) fails, as
+# on the GPU machines; and XLA gives no cost analysis at all, as JAX 0.11 on CUDA gives
+# none for lowered programs.
+NO_TENSORFLOW_NO_COST_ANALYSIS = """
+import sys
+for name in ('tensorflow', 'tensorflow_datasets', 'clu'):
+  sys.modules[name] = None
+import jax.stages
+jax.stages.Lowered.cost_analysis = lambda self: None
+jax.stages.Compiled.cost_analysis = lambda self: None
+from care_jax import bench
+bench.main(sys.argv[1:])
+"""
+
+
+def run_bench(capsys, *args):
+  """(exit status, the JSON of the last stdout line or None, stderr)."""
+  try:
+    bench.main(list(args))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  lines = out.strip().splitlines()
+  return code, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None, err
+
+
+def write_pngs(folder, count):
+  rng = np.random.default_rng(1)
+  for i in range(count):
+    PIL.Image.fromarray(synthetic.natural_image(rng, 40, 48)).save(folder / f"png{i}.png")
+
+
+def test_input_bench_skips_a_bad_first_file_counts_it_and_times_pngs(tmp_path, capsys):
+  synthetic.write_jpegs(str(tmp_path), 3, height=40, width=48)
+  write_pngs(tmp_path, 2)
+  (tmp_path / "0bad.jpg").write_bytes(b"not an image")  # sorted first
+  (tmp_path / "notes.txt").write_text("not counted")
+  # A batch of all 6 images: every batch draws the bad file once (or more, if a
+  # replacement draws it again).
+  code, result, err = run_bench(capsys, "input", f"--images={tmp_path}", "--batch_size=6",
+                                "--num_images=12", "--workers=1", "--image_size=16")
+  assert code == 0, err
+  assert result["distinct_images"] == 6
+  assert result["files_skipped"] == 1
+  assert result["examples_replaced_while_timed"] >= 2  # 2 timed batches
+  assert result["images_timed"] == 12 and result["images_per_sec"] > 0
+  assert result["source_size_example"] == "48x40"
+  assert "error" not in result
+
+
+def test_input_bench_on_only_bad_files_reports_them_and_exits_1(tmp_path, capsys):
+  for name in ("a.jpg", "b.jpeg", "c.png"):
+    (tmp_path / name).write_bytes(b"\xff\xd8 truncated")
+  code, result, err = run_bench(capsys, "input", f"--images={tmp_path}", "--batch_size=2",
+                                "--num_images=4", "--workers=1", "--image_size=16")
+  assert code == 1
+  assert result["images_per_sec"] is None and result["images_timed"] == 0
+  assert result["files_skipped"] == 3 and result["distinct_images"] == 3
+  assert result["source_size_example"] is None
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: nothing to time: ") and "corrupt" in last
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("make_folder", [True, False])
+def test_input_bench_without_images_says_how_to_make_some(tmp_path, capsys, make_folder):
+  folder = tmp_path / "empty"
+  if make_folder:
+    folder.mkdir()
+  code, result, err = run_bench(capsys, "input", f"--images={folder}")
+  assert code == 2 and result is None
+  assert err.count("\n") == 1 and "--make=N" in err and str(folder) in err
+
+
+def test_step_bench_names_the_presets_for_an_unknown_one(capsys):
+  code, result, err = run_bench(capsys, "step", "--preset=nope")
+  assert code == 2 and result is None
+  assert err.count("\n") == 1 and err.startswith("error: Unknown preset 'nope'")
+  assert "r50_100ep" in err and "tiny" in err
+
+
+def test_step_bench_refuses_a_batch_below_one(capsys):
+  code, _, err = run_bench(capsys, "step", "--preset=tiny", "--batch_per_device=0")
+  assert code == 2 and err == "error: --batch_per_device must be at least 1, got 0.\n"
+
+
+def test_summary_lists_the_valid_fields_for_an_unknown_one():
+  out = subprocess.run([sys.executable, "-m", "care_jax.summary",
+                        "--config=configs/care.py:tiny", "--config.foo=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and out.stdout == ""
+  assert out.stderr.count("\n") == 1, out.stderr[-3000:]
+  assert out.stderr.startswith("error: unknown config field(s) foo. Valid fields: ")
+  assert "global_batch_size" in out.stderr and "model.t_stream.num_blocks" in out.stderr
+
+
+def test_program_flops_falls_back_to_the_compiled_program_then_to_none(monkeypatch):
+  x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+  lowered = jax.jit(jnp.matmul).lower(x, w)
+  assert summary.program_flops(lowered) == 2 * 8 * 16 * 32
+  monkeypatch.setattr(type(lowered), "cost_analysis", lambda self: None)
+  compiled = lowered.compile()
+  assert summary.program_flops(lowered, compiled) == 2 * 8 * 16 * 32
+  assert summary.program_flops(lowered) == 2 * 8 * 16 * 32  # compiles it itself
+  monkeypatch.setattr(type(compiled), "cost_analysis", lambda self: None)
+  assert summary.program_flops(lowered, compiled) is None
+
+
+def test_step_figures_with_and_without_flops():
+  with_flops = bench._step_figures(global_batch=128, median=0.1, flops=128 * 9.3e10,
+                                   peak=790.0)
+  assert with_flops["image_pairs_per_sec"] == 1280.0
+  assert with_flops["flops_per_image_pair"] == 9.3e10
+  assert with_flops["achieved_tflops"] == pytest.approx(119.04, abs=0.05)
+  assert with_flops["fraction_of_peak"] == pytest.approx(119.04 / 790, abs=1e-4)
+  without = bench._step_figures(global_batch=128, median=0.1, flops=None, peak=790.0)
+  assert without["image_pairs_per_sec"] == 1280.0
+  assert without["flops_per_image_pair"] is None and without["fraction_of_peak"] is None
+  rate, basis = bench.peak_tflops("NVIDIA H100 80GB HBM3")
+  assert rate == 790.0 and "H100" in basis
+  assert bench.peak_tflops("cpu")[0] is None
+  assert bench.peak_tflops("cpu", 0.2)[0] == 0.2
+
+
+def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing():
+  """The real command on the tiny preset, as a GPU machine with JAX 0.11 runs it."""
+  out = subprocess.run(
+      [sys.executable, "-c", NO_TENSORFLOW_NO_COST_ANALYSIS, "step", "--preset=tiny",
+       "--batch_per_device=2", "--warmup=0", "--steps=2", "--variants=without_t_stream",
+       "--fast_compile"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert "FLOPs unavailable" in lines[-2]
+  result = json.loads(lines[-1])["without_t_stream"]
+  assert result["flops_per_image_pair"] is None and result["achieved_tflops"] is None
+  assert result["step_seconds_median"] > 0 and result["image_pairs_per_sec"] > 0
+  assert result["finite_loss"] is True
