@@ -54,6 +54,9 @@ class MultiHeadSelfAttention(nn.Module):
                       f"{self.position_embedding!r}.")
 
     attn = nn.softmax(logits.reshape(b, self.heads, h, w, h * w).astype(jnp.float32), axis=-1)
+    # For care_jax.visualize: kept (float32, [b, heads, query y, x, key y, x]) only when
+    # the caller makes "intermediates" mutable; the computation is the same either way.
+    self.sow("intermediates", "weights", attn.reshape(logits.shape))
     attn = attn.astype(self.dtype).reshape(logits.shape)
     out = jnp.einsum("bhxyij,bijhd->bxyhd", attn, v)
     return out.reshape(b, h, w, inner)  # head-major channels, as the release

@@ -1,0 +1,42 @@
+"""care_jax.visualize: T-stream attention and the C-stream map, drawn over the images."""
+import json
+
+import numpy as np
+import PIL.Image
+
+from care_jax import visualize
+from care_jax.evaluation import linear
+from tests.conftest import load_config
+
+
+def test_attention_sums_to_one_per_query_and_the_png_has_a_panel_per_map(tmp_path):
+  network, state = linear.random_init_state(load_config("tiny"), 16)
+  variables = {"params": state.online_params, "batch_stats": state.online_stats}
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  attention, c_maps = visualize.stream_maps(network, variables, images, block=0)
+  assert attention.shape == (3, 2, 4, 4, 4, 4)  # tiny: 2 heads on layer3's 4x4 grid
+  np.testing.assert_allclose(attention.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
+  assert c_maps.shape == (3, 2, 2) and (c_maps > 0).all()  # layer4's 2x2 grid
+
+  mean = visualize.query_maps(attention, "mean")
+  np.testing.assert_allclose(mean.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(visualize.query_maps(attention, "1,2"), attention[:, :, 1, 2])
+  out = tmp_path / "maps.png"
+  visualize.draw(images, mean, c_maps, str(out), "test", panel_inches=1.0, dpi=50)
+  with PIL.Image.open(out) as png:
+    assert png.size == ((2 + 2) * 50, 3 * 50)  # image, 2 heads, C-stream; 3 rows
+
+
+def test_trained_and_random_encoders_draw_different_maps(tmp_path, pretrained_workdir, capsys):
+  pictures = {}
+  for encoder in ("pretrained", "random_init"):
+    out = tmp_path / f"{encoder}.png"
+    visualize.main([f"--workdir={pretrained_workdir}", "--images=0,3,5", f"--out={out}",
+                    f"--encoder={encoder}", "--query=0,0"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["attention_grid"] == "4x4" and len(summary["entropy_per_head"]) == 2
+    assert all(0 < e <= 1 for e in summary["entropy_per_head"])
+    with PIL.Image.open(out) as png:
+      pictures[encoder] = np.asarray(png.convert("RGB"))
+  assert pictures["pretrained"].shape == pictures["random_init"].shape
+  assert not np.array_equal(pictures["pretrained"], pictures["random_init"])
