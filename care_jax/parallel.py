@@ -1,7 +1,10 @@
 """Data parallelism: one `data` mesh axis over every device of every process.
 
 The batch is sharded along it and the state replicated; XLA inserts the gradient and
-BatchNorm reductions, so statistics are those of the global batch (SyncBN).
+BatchNorm reductions, so the trunk's and heads' statistics are those of the global batch
+(the release's SyncBN). The T-stream normalises contiguous groups of
+`model.t_stream.bn_group_size` examples (the release's per-GPU BatchNorm2d): each device's
+own shard when the per-device batch equals the group size.
 """
 import jax
 import numpy as np

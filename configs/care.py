@@ -27,7 +27,12 @@ def paper_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       arch="resnet50", width=1, channels=64, stem="auto", hidden_dim=4096,
       projection_dim=256,
-      t_stream=dict(num_blocks=5, heads=4, head_dim=128, position_embedding="absolute")))
+      t_stream=dict(num_blocks=5, heads=4, head_dim=128, position_embedding="absolute",
+                    # T-stream BatchNorm statistics per group of this many examples (of
+                    # each view): the release's plain BatchNorm2d on 128 images per GPU.
+                    # <= 0 or >= the batch: the whole batch, as for the `tiny` and
+                    # `fmnist_demo` batches (8, 128). Trunk and heads use the whole batch.
+                    bn_group_size=128)))
   c.cross_weight = 100.0  # lambda
   c.base_tau = 0.99
 

@@ -83,7 +83,9 @@ def create_networks(model_config, image_size: int, dtype=jnp.float32):
       trunk=trunk.clone(),
       t_stream=TStream(num_blocks=t_cfg.num_blocks, out_channels=trunk.out_channels,
                        heads=t_cfg.heads, head_dim=t_cfg.head_dim,
-                       position_embedding=t_cfg.position_embedding, dtype=dtype),
+                       position_embedding=t_cfg.position_embedding,
+                       # Configs saved before the field existed normalised the whole batch.
+                       bn_group_size=t_cfg.get("bn_group_size", 0), dtype=dtype),
       hidden_dim=model_config.hidden_dim, projection_dim=model_config.projection_dim,
       predictors=predictors, dtype=dtype)
   return make(True), make(False)

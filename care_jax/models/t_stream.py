@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from care_jax.errors import UserError
-from care_jax.models.layers import batch_norm, conv
+from care_jax.models.layers import GroupedBatchNorm, conv
 
 
 def _relative_logits_1d(q, table):
@@ -70,11 +70,13 @@ class TBlock(nn.Module):
   head_dim: int = 128
   position_embedding: str = "absolute"
   train: bool = True
+  bn_group_size: int = 0  # see GroupedBatchNorm; <= 0: the whole batch
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    bn = lambda name: batch_norm(self.train, self.dtype, name)
+    bn = lambda name: GroupedBatchNorm(not self.train, self.bn_group_size, self.dtype,
+                                       name=name)
     if self.downsample or x.shape[-1] != self.out_channels:
       stride = 2 if self.downsample else 1
       size = 3 if self.downsample else 1
@@ -98,12 +100,14 @@ class TBlock(nn.Module):
 
 
 class TStream(nn.Module):
-  """5 blocks on the layer3 map; the first halves the resolution."""
+  """5 blocks on the layer3 map; the first halves the resolution. Their BatchNorm
+  statistics are per group of `bn_group_size` examples (GroupedBatchNorm)."""
   num_blocks: int = 5
   out_channels: int = 2048
   heads: int = 4
   head_dim: int = 128
   position_embedding: str = "absolute"
+  bn_group_size: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -111,6 +115,7 @@ class TStream(nn.Module):
     for i in range(self.num_blocks):
       x = TBlock(out_channels=self.out_channels, bottleneck_channels=self.out_channels // 4,
                  downsample=i == 0, heads=self.heads, head_dim=self.head_dim,
-                 position_embedding=self.position_embedding, train=train, dtype=self.dtype,
+                 position_embedding=self.position_embedding, train=train,
+                 bn_group_size=self.bn_group_size, dtype=self.dtype,
                  name=f"block{i}")(x)
     return x
