@@ -1,9 +1,21 @@
-"""What the command-line programs share: how they log and how they read a config file."""
+"""What the command-line programs share: how they log and how they find and read a config.
+
+The configs ship with care_jax: in a checkout (or an editable install) they are the
+repository's configs/ beside the package; a wheel (`pip install .`) carries the same
+files as care_jax/configs (pyproject.toml maps them there). A relative --config path such
+as configs/care.py that does not exist in the current directory is taken from there, so
+the commands work from any directory.
+"""
 import importlib.util
 import logging
 import pathlib
+import textwrap
 
-CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "care.py"
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+CONFIG_DIR = next((d for d in (_PACKAGE.parent / "configs", _PACKAGE / "configs")
+                   if (d / "care.py").is_file()), _PACKAGE.parent / "configs")
+CONFIG_FILE = CONFIG_DIR / "care.py"
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
 def configure_logging():
@@ -16,9 +28,52 @@ def configure_logging():
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
-def load_config(path=CONFIG_FILE, preset: str = ""):
-  """get_config(preset) of a config file (the repo's configs/care.py by default)."""
-  spec = importlib.util.spec_from_file_location("care_config", path)
+def resolve_config_path(path) -> str:
+  """`path` if it exists or is absolute; else, relative to care_jax's own configs (so
+  configs/care.py names the packaged file from any directory) when that file exists."""
+  given = pathlib.Path(path).expanduser()
+  if given.exists() or given.is_absolute():
+    return str(given)
+  packaged = CONFIG_DIR.parent / given
+  return str(packaged) if packaged.is_file() else str(path)
+
+
+def resolve_config_args(argv: list, flag: str = "--config") -> list:
+  """argv with the config file of `--config=FILE[:PRESET]` (or `--config FILE...`)
+  resolved by resolve_config_path; everything else unchanged."""
+  def resolve(spec):
+    path, colon, preset = spec.partition(":")
+    return resolve_config_path(path) + colon + preset
+
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(flag + "="):
+      out[i] = f"{flag}={resolve(arg[len(flag) + 1:])}"
+    elif arg == flag and i + 1 < len(out):
+      out[i + 1] = resolve(out[i + 1])
+  return out
+
+
+def _config_module(path):
+  spec = importlib.util.spec_from_file_location("care_config", resolve_config_path(path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config(path=CONFIG_FILE, preset: str = ""):
+  """get_config(preset) of a config file (care_jax's configs/care.py by default)."""
+  module = _config_module(path)
   return module.get_config(preset) if preset else module.get_config()
+
+
+def presets_help(path="configs/care.py") -> str:
+  """The presets a config file defines (its PRESETS), by name, and its docstring."""
+  module = _config_module(path)
+  names = getattr(module, "PRESETS", ())
+  if not names:
+    return f"{path} defines no presets (PRESETS)."
+  listing = textwrap.fill(", ".join(names), width=96, initial_indent="  ",
+                          subsequent_indent="  ")
+  return (f"Presets of {path} (choose one with --config={path}:PRESET):\n{listing}\n\n"
+          f"{textwrap.dedent(module.__doc__ or '').strip()}")

@@ -46,6 +46,9 @@ def preset_config(preset: str):
 
 def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
   """Writes the care_jax workdir `workdir` holding the release checkpoint's networks."""
+  if not pathlib.Path(checkpoint).is_file():  # said before anything asks for torch
+    raise ConversionError(f"{checkpoint}: no such file; pass the path of the release's "
+                          "*_ckpt.pth.tar.")
   if checkpointing.checkpoint_dir(workdir).exists():
     raise ConversionError(f"{workdir} already holds checkpoints; convert into a new "
                           "--workdir.")

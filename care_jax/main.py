@@ -3,22 +3,27 @@ evaluation of a pretrained encoder.
 
   python -m care_jax.main --config=configs/care.py[:preset] --workdir=DIR [--config.x=y ...]
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR. Exit status: 0 when
+the run is complete, 2 for a setting or file to fix (one line on stderr), 75 when SIGTERM
+stopped the run after saving a checkpoint (preempted: rerun the same command to resume).
 """
+import logging
 import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from care_jax import cli, errors
+from care_jax import cli, errors, preemption
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/care.py",
-                                          "Config file, optionally with :preset.")
+_CONFIG = config_flags.DEFINE_config_file("config", str(cli.CONFIG_FILE),
+                                          "Config file, optionally with :preset (presets "
+                                          "below).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 
 
 def run(config, workdir: str):
+  """Runs config.mode in `workdir`; raises preemption.Preempted when stopped early."""
   if config.distributed:
     jax.distributed.initialize()  # cluster (SLURM, ...) detected from the environment
   if config.mode == "pretrain":
@@ -42,16 +47,38 @@ def _flat_fields(config, prefix=""):
       yield f"{prefix}{key}"
 
 
+def _config_spec(argv) -> str:
+  """The --config value of argv (default: the packaged configs/care.py)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "configs/care.py"
+
+
 def _config_from_argv(argv):
   """The config that --config names, built without absl (used to list valid fields)."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-              "configs/care.py")
-  path, _, preset = spec.partition(":")
+  path, _, preset = _config_spec(argv).partition(":")
   return cli.load_config(path, preset)
 
 
+def _print_help(argv):
+  """absl's flag help (which exits 1), then the presets, and exit 0: help is no error."""
+  app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
+  try:
+    print("\n" + cli.presets_help(_config_spec(argv).partition(":")[0]))
+  except Exception as e:  # the config file cannot be read: say so, help still succeeded
+    print(f"\n(no presets listed: {type(e).__name__}: {e})")
+  sys.exit(0)
+
+
 def parse_flags(argv):
-  """absl's parsing, with config mistakes reported as one line instead of a traceback."""
+  """absl's parsing, with config mistakes reported as one line instead of a traceback, and
+  the --config file found from any directory (cli.resolve_config_path)."""
+  argv = cli.resolve_config_args(argv)
+  if any(arg in cli.HELP_FLAGS for arg in argv[1:]):
+    _print_help(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # absl or config_flags, raised from the config or an override
@@ -81,6 +108,9 @@ def main(argv):
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)
+    sys.exit(preemption.EXIT_STATUS)
 
 
 if __name__ == "__main__":

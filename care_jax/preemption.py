@@ -1,8 +1,24 @@
-"""Preemption: a scheduler's SIGTERM asks a training loop to checkpoint and stop."""
+"""Preemption: a scheduler's SIGTERM asks a training loop to checkpoint and stop.
+
+A preempted run ends with exit status EXIT_STATUS (75, EX_TEMPFAIL in sysexits.h: "try
+again later"), never 0, so that a scheduler can tell an unfinished run from a finished one
+and requeue it: rerunning the same command resumes from the checkpoint saved on the way out.
+"""
 import signal
 import threading
 
 import jax
+
+EXIT_STATUS = 75
+
+
+class Preempted(Exception):
+  """Raised once the checkpoint of `step` is saved: the run stopped early, on request."""
+
+  def __init__(self, step: int):
+    super().__init__(f"Preempted: saved the checkpoint of step {step}; rerun the same command "
+                     "to resume.")
+    self.step = step
 
 
 class Preemption:

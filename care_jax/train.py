@@ -2,9 +2,13 @@
 
 Everything a resumed run needs is in the checkpoint (the state pytree, whose step fixes the
 data stream, the schedules and the augmentation keys), so rerunning the same command after
-a crash or a preemption continues exactly where the last checkpoint left off.
+a crash or a preemption continues exactly where the last checkpoint left off. A damaged
+latest checkpoint is moved aside and the run resumes from the newest intact one
+(checkpointing.resume). On SIGTERM the loop saves and raises preemption.Preempted, which
+the command line turns into exit status 75 ("rerun to resume").
 """
 import contextlib
+import datetime
 import logging
 import time
 
@@ -13,48 +17,53 @@ from clu import metric_writers, periodic_actions
 
 from care_jax import checkpointing, parallel
 from care_jax.data import input_pipeline
-from care_jax.errors import UserError
 from care_jax.evaluation import monitor as monitor_lib, online_probe
-from care_jax.preemption import Preemption
+from care_jax.preemption import Preempted, Preemption
 from care_jax.training import pretraining
 
 
 def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
   """(steps per epoch, total steps): num_train_steps > 0 overrides num_epochs."""
+  input_pipeline.check_batch_fits(num_train_examples, config.global_batch_size,
+                                  "global_batch_size")
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
-  if steps_per_epoch < 1:
-    raise UserError(f"global_batch_size {config.global_batch_size} is larger than the "
-                    f"{num_train_examples} training examples; lower it.")
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, int(config.num_epochs * steps_per_epoch)
 
 
 def pretrain(config, workdir: str) -> dict:
-  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.global_batch_size, mesh)
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
+
+  Raises Preempted after saving, when SIGTERM stopped the run before its last step.
+  """
+  checkpointing.check_workdir(workdir)
   info = input_pipeline.dataset_info(config.data)
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.global_batch_size, mesh)
   if info.num_classes < 2 and (config.monitor.online_probe or config.monitor.every_steps > 0):
     logging.info("%s has no labels (one class): no online probe and no kNN monitor.",
                  info.name)
   probe = online_probe.from_config(config.monitor, info.num_classes, total_steps)
   setup = pretraining.build(config, steps_per_epoch, total_steps, probe)
   monitor = monitor_lib.create(config, mesh, setup.online_net, probe, info)
+  replicated = parallel.replicated(mesh)
   mgr = checkpointing.manager(workdir, keep=config.keep_checkpoints,
                               save_every=config.checkpoint_every_steps)
-  if mgr.latest_step() is not None:
-    checkpointing.check_same_run(workdir, config)
-  checkpointing.save_config(workdir, config)
+  try:
+    if mgr.latest_step() is not None:
+      checkpointing.check_same_run(workdir, config)
+    checkpointing.save_config(workdir, config)
+    state = checkpointing.resume(mgr, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        setup.abstract_state()))
+  except Exception:
+    mgr.close()  # an open manager's threads would fail noisily at exit
+    raise
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  replicated = parallel.replicated(mesh)
-  if mgr.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        setup.abstract_state())
-    state = checkpointing.restore(mgr, abstract)
+  if state is not None:
     logging.info("Resumed from step %d of %d.", int(state.step), total_steps)
   else:
     state = setup.init_state(jax.random.key(config.seed), replicated)
@@ -71,11 +80,10 @@ def pretrain(config, workdir: str) -> dict:
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
   train_step = setup.jitted_step(mesh)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_secs=30)]
+  hooks = [Progress(start_step, total_steps, writer)]
   if config.profile_steps > 0 and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                          first_profile=start_step + config.log_every_steps))
+                                        first_profile=start_step + config.log_every_steps))
   preemption = Preemption()
   period = _Period(start_step)
   metrics = {}
@@ -109,15 +117,45 @@ def pretrain(config, workdir: str) -> dict:
         if not saved:
           checkpointing.save(mgr, done, state, force=True)
         mgr.wait_until_finished()
-        logging.warning("Preempted: saved the checkpoint of step %d; rerun the same command "
-                        "to resume.", done)
-        break
+        raise Preempted(done)
   finally:
     batches.close()
     mgr.wait_until_finished()
     mgr.close()
     writer.flush()
   return metrics
+
+
+class Progress:
+  """The progress line: completion of the run, and a rate and ETA measured on the steps
+  this process ran. A resumed run's earlier steps took no time here, and the first step
+  (compilation) is left out of the rate: it starts at the first completed step."""
+
+  def __init__(self, start_step: int, total_steps: int, writer=None, every_secs: float = 30,
+               clock=time.monotonic):
+    self.start_step, self.total_steps, self.writer = start_step, total_steps, writer
+    self.every_secs, self.clock = every_secs, clock
+    self.first = self.last_report = None  # (step, time) of the first step, last line
+
+  def __call__(self, step: int) -> str | None:
+    """After `step` completes: the line (also logged), when one is due."""
+    now = self.clock()
+    if self.first is None:
+      self.first = self.last_report = (step, now)
+      return None
+    if now - self.last_report[1] < self.every_secs and step != self.total_steps:
+      return None
+    self.last_report = (step, now)
+    steps_per_sec = (step - self.first[0]) / max(now - self.first[1], 1e-9)
+    eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_sec))
+    resumed = f", resumed at step {self.start_step}" if self.start_step else ""
+    line = (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.1f}%{resumed}): "
+            f"{steps_per_sec:.2f} steps/s over the {step - self.first[0]} steps since step "
+            f"{self.first[0]}, ETA {eta}")
+    logging.info(line)
+    if self.writer is not None:
+      self.writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
+    return line
 
 
 class _Period:

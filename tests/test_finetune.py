@@ -9,7 +9,7 @@ import pytest
 from care_jax import checkpointing, pretrained
 from care_jax.errors import UserError
 from care_jax.evaluation import finetune
-from care_jax.preemption import Preemption
+from care_jax.preemption import Preempted, Preemption
 from tests.conftest import load_config
 
 
@@ -65,7 +65,8 @@ def test_finetuning_trains_the_trunk_and_resumes_exactly(tmp_path, image_folder,
 
   # Preempted after step 6 of 12 (mid-epoch), then rerun: the same results.
   monkeypatch.setattr(Preemption, "reached", lambda self, mgr, step: step == 6)
-  assert finetune.finetune(config, str(tmp_path / "preempted")) == {}
+  with pytest.raises(Preempted, match="checkpoint of step 6"):
+    finetune.finetune(config, str(tmp_path / "preempted"))
   monkeypatch.undo()
   assert not (tmp_path / "preempted" / "results.json").exists()
   assert finetune.finetune(config, str(tmp_path / "preempted")) == want

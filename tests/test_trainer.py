@@ -100,6 +100,11 @@ def test_sigkill_then_rerun_ends_bitwise_identical(tmp_path, image_folder):
   out = run(tiny_run_args(image_folder, killed, *LONG_RUN))
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from step" in out.stderr
+  # The progress line's rate and ETA are of this process's steps only.
+  resumed_at = int(out.stderr.split("Resumed from step ")[1].split(" ")[0])
+  assert killed_at <= resumed_at < 12
+  assert f"step 12/12 (100.0%, resumed at step {resumed_at})" in out.stderr
+  assert f"over the {12 - resumed_at - 1} steps since step {resumed_at + 1}" in out.stderr
 
   a, b = final_state(reference), final_state(killed)
   assert int(a.step) == int(b.step) == 12
@@ -107,14 +112,16 @@ def test_sigkill_then_rerun_ends_bitwise_identical(tmp_path, image_folder):
     np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_saves_at_the_step_reached_and_exits_cleanly(tmp_path, image_folder):
+def test_sigterm_saves_at_the_step_reached_and_exits_75(tmp_path, image_folder):
   process = subprocess.Popen(tiny_run_args(image_folder, tmp_path, *LONG_RUN), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   wait_for_checkpoint(tmp_path, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, stderr[-3000:]
-  assert "Preempted: saved the checkpoint of step" in stderr
+  # Not 0: the run is unfinished; 75 tells a scheduler to rerun it (preemption.EXIT_STATUS).
+  assert process.returncode == 75, stderr[-3000:]
+  assert "Preempted: saved the checkpoint of step" in stderr and "(exit status 75)" in stderr
+  assert "Traceback" not in stderr
   step = int(stderr.split("Preempted: saved the checkpoint of step ")[1].split(";")[0])
   assert 2 <= step < 12
   assert int(final_state(tmp_path).step) == step

@@ -9,10 +9,11 @@ and flip of the example in slot i of batch k come from default_rng([seed, 1, k, 
 So a run resumed at step k sees exactly the batches an uninterrupted run sees from step k,
 whatever the number of processes and threads.
 
-An example that cannot be read or decoded is logged and replaced by one drawn from
+An example that cannot be read or decoded is replaced by one drawn from
 default_rng([seed, 2, k, i, attempt]), so batches keep their shape and stay a function of
 (seed, step); each batch reports how many of its examples were replaced ('num_skipped').
-Validation instead masks an undecodable example out, so every example counts once.
+Validation instead masks an undecodable example out, so every example counts once. Each
+bad example is named in the log the first time this process meets it, then only counted.
 """
 import collections
 import concurrent.futures
@@ -20,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -38,6 +40,17 @@ dataset_info = sources.dataset_info
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Full global batches in one pass over the data (the remainder is left out)."""
   return num_examples // global_batch_size
+
+
+def check_batch_fits(num_examples: int, batch_size: int, field: str) -> None:
+  """A global batch holds at least one example and at most the whole training split;
+  `field` names the config field to change."""
+  if batch_size < 1:
+    raise UserError(f"{field} must be at least 1, got {batch_size}; set --config.{field} "
+                    "to the number of examples in a global batch.")
+  if batch_size > num_examples:
+    raise UserError(f"{field} {batch_size} is larger than the {num_examples} training "
+                    f"examples; set --config.{field} to at most {num_examples}.")
 
 
 class _EpochOrder:
@@ -77,6 +90,22 @@ def _num_workers(config) -> int:
   return config.get("num_workers", 0) or os.cpu_count() or 1
 
 
+_named_bad_examples: set[str] = set()  # of this process, by source.describe(index)
+_named_lock = threading.Lock()  # decode threads share it
+
+
+def _log_skip(source: sources.Source, index: int, error: Exception, action: str) -> None:
+  """Names a bad example in the log the first time this process meets it; later draws of
+  it (every epoch, every evaluation pass) are only counted, in the batches' num_skipped."""
+  name = source.describe(index)
+  with _named_lock:
+    if name in _named_bad_examples:
+      return
+    _named_bad_examples.add(name)
+  logging.warning("%s example %s: %s (named once; later skips of it are only counted, as "
+                  "skipped_images).", action, name, error)
+
+
 def _random_views(source: sources.Source, index: int, *, seed: int, step: int, slot: int,
                   num_views: int, image_size: int, min_scale: float):
   """Random resized crops + flips of one example, or of its deterministic replacement.
@@ -93,7 +122,7 @@ def _random_views(source: sources.Source, index: int, *, seed: int, step: int, s
       flips = [bool(rng.random() < 0.5) for _ in range(num_views)]
       return views.crop_views(encoded, boxes, flips, image_size, full_size), index, label, attempt
     except (views.UndecodableImageError, OSError) as e:
-      logging.warning("Skipping example %s: %s", source.describe(index), e)
+      _log_skip(source, index, e, "Skipping")
       replacement = np.random.default_rng([seed, _REPLACEMENT_STREAM, step, slot, attempt])
       index = int(replacement.integers(len(source)))
   raise DataError(f"{_MAX_ATTEMPTS} undecodable examples in a row in {source.describe(index)} "
@@ -108,7 +137,7 @@ def _centre_view(source: sources.Source, index: int, image_size: int):
     box = views.centre_crop_box(*full_size)
     return views.crop_views(encoded, [box], [False], image_size, full_size)[0], label
   except (views.UndecodableImageError, OSError) as e:
-    logging.warning("Masking out example %s: %s", source.describe(index), e)
+    _log_skip(source, index, e, "Masking out")
     return None
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import parallel, pretrained
+from care_jax import checkpointing, parallel, pretrained
 from care_jax.data import augment, input_pipeline, sources
 from care_jax.errors import UserError
 from care_jax.evaluation import features, linear, supervised
@@ -73,7 +73,7 @@ def _initial_trunk(config, image_size: int):
 def finetune(config, workdir: str) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
   ft = config.finetune
-  supervised.check_workdir(workdir)
+  checkpointing.check_workdir(workdir)
   if ft.encoder not in ("pretrained", "random_init"):
     raise UserError(f"finetune.encoder must be 'pretrained' or 'random_init', got "
                     f"{ft.encoder!r}.")
@@ -89,7 +89,8 @@ def finetune(config, workdir: str) -> dict:
   train_data.image_size = data.image_size
   info = input_pipeline.dataset_info(train_data)
   num_train = info.num_train_examples if train_indices is None else len(train_indices)
-  supervised.check_batch_fits(num_train, ft.global_batch_size, "finetune.global_batch_size")
+  input_pipeline.check_batch_fits(num_train, ft.global_batch_size,
+                                  "finetune.global_batch_size")
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
   total_steps = ft.num_epochs * steps_per_epoch
   run = supervised.Run(workdir, config, "finetune")
@@ -157,8 +158,8 @@ def finetune(config, workdir: str) -> dict:
           history.append({"epoch": epoch, **evaluate(state)})
           run.log_evaluation(done, epoch, ft.num_epochs, float(loss), history[-1])
         run.save(done, state, history)
-      if done < total_steps and run.preempted(done, state, history):
-        return {}
+      if done < total_steps:
+        run.stop_if_preempted(done, state, history)
   finally:
     batches.close()
     run.close()

@@ -103,15 +103,15 @@ def evaluate(config, workdir: str) -> dict:
   """Linear evaluation of linear_eval.encoder; writes and returns results.json's content."""
   lin = config.linear_eval
   # Everything that can be checked is checked before any work.
-  supervised.check_workdir(workdir)
+  checkpointing.check_workdir(workdir)
   _check_encoder(lin.encoder, lin.pretrained_workdir)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(lin.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
   data.image_size = supervised.image_size(config, "linear_eval", pretrained_config(lin))
   info = input_pipeline.dataset_info(data)
-  supervised.check_batch_fits(info.num_train_examples, lin.global_batch_size,
-                              "linear_eval.global_batch_size")
+  input_pipeline.check_batch_fits(info.num_train_examples, lin.global_batch_size,
+                                  "linear_eval.global_batch_size")
   run = supervised.Run(workdir, config, "linear_eval")
   encoder = load_encoder(config, data.image_size)
   features_fn = encoder.features_fn(mesh)
@@ -123,8 +123,8 @@ def evaluate(config, workdir: str) -> dict:
   else:  # Features of the examples that survived decoding, once.
     train_feats, train_labels = _cached_train_split(features_fn, data, mesh)
     num_train = len(train_labels)
-    supervised.check_batch_fits(num_train, lin.global_batch_size,
-                                "linear_eval.global_batch_size")
+    input_pipeline.check_batch_fits(num_train, lin.global_batch_size,
+                                    "linear_eval.global_batch_size")
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, lin.global_batch_size)
   total_steps = lin.num_epochs * steps_per_epoch
 
@@ -177,14 +177,14 @@ def evaluate(config, workdir: str) -> dict:
         process_count=jax.process_count())
 
     def train_epoch(state, epoch):
-      """The rest of `epoch`, a step at a time; None if preempted."""
+      """The rest of `epoch`, a step at a time."""
       for _ in range(int(state["step"]), epoch * steps_per_epoch):
         batch = next(batches)
         images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
         state, loss = train_step(state, features_fn(images), labels)
         step = int(state["step"])  # the epoch's last step is checked after its evaluation
-        if step < epoch * steps_per_epoch and run.preempted(step, state, history):
-          return None, loss
+        if step < epoch * steps_per_epoch:
+          run.stop_if_preempted(step, state, history)
       return state, loss
   else:
     batches = None
@@ -206,16 +206,14 @@ def evaluate(config, workdir: str) -> dict:
   try:
     for epoch in range(int(state["step"]) // steps_per_epoch + 1, lin.num_epochs + 1):
       state, loss = train_epoch(state, epoch)
-      if state is None:
-        return {}
       step = int(state["step"])
       run.write_epoch(step, epoch, lin.num_epochs, float(loss), float(lr(step)))
       if epoch == lin.num_epochs or epoch % lin.eval_every_epochs == 0:
         history.append({"epoch": epoch, **evaluate_head(state)})
         run.log_evaluation(step, epoch, lin.num_epochs, float(loss), history[-1])
       run.save(step, state, history)
-      if epoch < lin.num_epochs and run.preempted(step, state, history):
-        return {}
+      if epoch < lin.num_epochs:
+        run.stop_if_preempted(step, state, history)
   finally:
     if batches is not None:
       batches.close()

@@ -10,7 +10,6 @@ change the result is refused, as in pretraining.
 import json
 import logging
 import pathlib
-import tempfile
 import time
 
 import jax
@@ -19,33 +18,11 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 
 from care_jax import checkpointing
-from care_jax.errors import UserError
-from care_jax.preemption import Preemption
+from care_jax.preemption import Preempted, Preemption
 
 # Fields an evaluation's result depends on, and those under them that change nothing.
 _COMPARED = ("seed", "data", "model", "precision")
 _BOOKKEEPING = ("data.data_dir", "data.folder_root", "data.num_workers")
-
-
-def check_workdir(workdir) -> None:
-  """The workdir must be a directory we can write to: found now, not after the last epoch."""
-  path = pathlib.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise UserError(f"--workdir {workdir} is a file; pass a directory (it is created if "
-                    "missing).")
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-      pass
-  except OSError as e:
-    raise UserError(f"Cannot write to --workdir {workdir} ({e.strerror}); pass a directory "
-                    "you can write to.") from None
-
-
-def check_batch_fits(num_examples: int, batch_size: int, field: str) -> None:
-  if batch_size > num_examples:
-    raise UserError(f"{field} {batch_size} is larger than the {num_examples} training "
-                    f"examples; set --config.{field} to at most {num_examples}.")
 
 
 def image_size(config, section: str, pretrained_config=None) -> int:
@@ -120,16 +97,14 @@ class Run:
                                                 history=ocp.args.JsonSave(history)),
                   force=True)
 
-  def preempted(self, step: int, state, history: list) -> bool:
-    """On SIGTERM: checkpoints `step` (if not just saved) and says the loop must stop."""
+  def stop_if_preempted(self, step: int, state, history: list) -> None:
+    """On SIGTERM: checkpoints `step` (if not just saved) and raises Preempted."""
     if not self._preemption.reached(self.mgr, step):
-      return False
+      return
     if self.mgr.latest_step() != step:
       self.save(step, state, history)
     self.mgr.wait_until_finished()
-    logging.warning("Preempted: saved the checkpoint of step %d; rerun the same command to "
-                    "resume.", step)
-    return True
+    raise Preempted(step)
 
   def write_epoch(self, step: int, epoch: int, num_epochs: int, loss: float,
                   learning_rate: float) -> None:
