@@ -4,14 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow lock clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
-$(VENV)/.installed: requirements.txt requirements-interop.txt
+# requirements*.txt give the ranges care_jax works with; constraints.txt pins the exact
+# versions CI last passed with (torch as its CPU build), so a fresh machine gets those.
+# care_jax itself is installed editable: `import care_jax` and `python -m care_jax.main`
+# work from any directory.
+$(VENV)/.installed: requirements.txt requirements-interop.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt
+	$(PY) -m pip install --quiet --upgrade pip setuptools -c constraints.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Real Fashion-MNIST, from Debian's package (no internet needed at run time).
@@ -31,6 +36,13 @@ test: setup
 # Tests marked slow (pytest exits 5 when none is marked: not a failure).
 test-slow: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests || [ $$? -eq 5 ]
+
+# After upgrading on purpose (pip install -U ... in the venv) and a green `make test`:
+# pin what the venv now holds.
+lock:
+	{ echo "# The exact versions CI passed with; \`make setup\` installs with -c constraints.txt."; \
+	  echo "# Regenerate with \`make lock\` after an upgrade that passed \`make test\`."; \
+	  $(PY) -m pip freeze --all --exclude care_jax; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
