@@ -151,7 +151,7 @@ def test_gaussian_blur_is_pil_gaussian_blur():
 
   PIL rounds to uint8 after each of its 6 passes; every pass averages with non-negative
   weights summing to 1, so the rounding errors add up to at most 6 x 0.5 = 3 units of 255
-  (PIL's 24-bit fixed-point weights add < 0.01). Measured here: max 2.9 / mean 0.27-0.37
+  (PIL's 24-bit fixed-point weights add < 0.01). Measured here: max 2.9 / mean 0.26-0.37
   on Fashion-MNIST, max 2.5 / mean 0.26-0.56 on the 224 px images, over the sigmas below.
   The zero-padded blur this replaced was off by up to 163 at sigma 2 (a dark frame).
   """
