@@ -13,9 +13,8 @@ import logging
 import time
 
 import jax
-from clu import metric_writers, periodic_actions
 
-from care_jax import checkpointing, parallel
+from care_jax import checkpointing, metric_writers, parallel
 from care_jax.data import input_pipeline
 from care_jax.evaluation import monitor as monitor_lib, online_probe
 from care_jax.preemption import Preempted, Preemption
@@ -82,7 +81,7 @@ def pretrain(config, workdir: str) -> dict:
   train_step = setup.jitted_step(mesh)
   hooks = [Progress(start_step, total_steps, writer)]
   if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+    hooks.append(metric_writers.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                         first_profile=start_step + config.log_every_steps))
   preemption = Preemption()
   period = _Period(start_step)

@@ -15,9 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from clu import metric_writers
 
-from care_jax import checkpointing
+from care_jax import checkpointing, metric_writers
 from care_jax.preemption import Preempted, Preemption
 
 # Fields an evaluation's result depends on, and those under them that change nothing.

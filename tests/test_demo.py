@@ -1,0 +1,60 @@
+"""care_jax.demo's choices and what it says the numbers show (the runs themselves are the
+trainer's and linear evaluation's, tested elsewhere)."""
+import signal
+import threading
+
+import pytest
+
+from care_jax import demo, errors
+
+
+def results(ours, random_init, raw, epochs=100.0, **extra):
+  return {"linear_top1": ours, "random_init_linear_top1": random_init,
+          "raw_pixels_linear_top1": raw, "pretrain_epochs": epochs, **extra}
+
+
+def test_cpu_gets_the_cpu_preset_and_overrides_keep_their_types():
+  assert demo.choose_preset("auto") == "fmnist_demo"  # the tests run on a CPU
+  assert demo.choose_preset("fmnist_gpu") == "fmnist_gpu"
+  config = demo.make_config("fmnist_gpu", ["num_epochs=50", "data.data_dir=/data/idx",
+                                           "monitor.every_steps=0"], pretrain_steps=None)
+  assert (config.num_epochs, config.data.data_dir, config.monitor.every_steps) == (
+      50, "/data/idx", 0)
+  assert demo.make_config("fmnist_demo", [], pretrain_steps=7).num_train_steps == 7
+
+
+def test_conclusion_says_whether_pretraining_beat_the_baselines():
+  ahead = " ".join(demo.conclusion(results(0.91, 0.80, 0.84), "fmnist_gpu"))
+  assert "ahead of both baselines: +11.0 points over random init, +7.0 over raw" in ahead
+  assert "all met" in ahead
+  short = " ".join(demo.conclusion(results(0.88, 0.82, 0.84), "fmnist_gpu"))
+  assert "not met: top1, over_random_init, over_raw_pixels" in short
+  assert "but not of raw pixels" not in short  # 0.88 is above raw pixels
+  behind = " ".join(demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43), "fmnist_demo"))
+  assert "not clearly ahead of the random one (-5.0 points)" in behind
+  assert "pretrained for 0.43" in behind and "learning curve" in behind
+  stopped = demo.conclusion(results(0.89, 0.80, 0.83, epochs=61.0, pretrain_scheduled_epochs=100,
+                                    pretrain_stopped_by_time_limit=True), "fmnist_gpu")
+  assert "stopped the pretraining at epoch 61 of 100" in stopped[-1]
+
+
+def test_time_limit_sends_sigterm_once_and_only_when_asked():
+  received = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda *_: received.set())
+  try:
+    with demo.time_limit(0):
+      assert not received.wait(0.3)
+    with demo.time_limit(0.05):
+      assert received.wait(5)
+    received.clear()
+    with demo.time_limit(0.5):
+      pass  # left before the limit: no signal
+    assert not received.wait(1.0)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_unknown_field_is_refused():
+  for field in ("no_such_field", "data.no_such_field", "seed.x", "no_section.x"):
+    with pytest.raises(errors.UserError, match=f"no field '{field}'"):
+      demo.make_config("fmnist_gpu", [f"{field}=1"])
