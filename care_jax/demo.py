@@ -181,7 +181,8 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
          f"{config.data.image_size} px, {total_steps / steps_per_epoch:.3g} epochs (preset "
          f"{preset}); progress, loss terms and ETA below")
   results = {"preset": preset, "device": jax.devices()[0].device_kind,
-             "date": datetime.date.today().isoformat(), "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:]),
+             "date": datetime.date.today().isoformat(),
+             "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:]),
              **pretrain(config, workdir / "pretrain", steps_per_epoch, total_steps,
                         max_pretrain_seconds)}
   results["pretrain_seconds"] = round(time.monotonic() - start, 1)
