@@ -58,3 +58,24 @@ def test_unknown_field_is_refused():
   for field in ("no_such_field", "data.no_such_field", "seed.x", "no_section.x"):
     with pytest.raises(errors.UserError, match=f"no field '{field}'"):
       demo.make_config("fmnist_gpu", [f"{field}=1"])
+
+
+def test_a_stopped_pretraining_reports_the_epoch_reached_and_its_last_monitors(
+    tmp_path, monkeypatch):
+  from care_jax import metric_writers, preemption, train
+
+  def stopped_at_step_290(config, workdir):  # as train.pretrain does on SIGTERM
+    writer = metric_writers.create_default_writer(workdir)
+    for step in (50, 100, 150, 200, 250):
+      writer.write_scalars(step, {"images_per_sec": 1000.0 if step == 50 else 20000.0 + step})
+    writer.write_scalars(290, {"knn_top1": 0.8, "online_probe_top1": 0.7})
+    writer.flush()
+    raise preemption.Preempted(290)
+
+  monkeypatch.setattr(train, "pretrain", stopped_at_step_290)
+  out = demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0)
+  assert out == {"pretrain_epochs": 5.0, "pretrain_scheduled_epochs": 100.0,
+                 "pretrain_stopped_by_time_limit": True,
+                 "pretrain_pairs_per_sec_median": 20175.0,  # the first period left out
+                 "knn_top1": pytest.approx(0.8), "knn_epoch": 5.0,
+                 "online_probe_top1": pytest.approx(0.7), "online_probe_epoch": 5.0}
