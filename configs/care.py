@@ -40,7 +40,8 @@ def paper_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=ml_collections.FieldReference(None, field_type=str),
       folder_root=ml_collections.FieldReference(None, field_type=str), image_size=224,
-      train_split="train", eval_split="validation", crop_min_scale=0.08, num_workers=0))
+      train_split="train", eval_split="validation", crop_min_scale=0.08, num_workers=0,
+      blur_scale=1.0))  # blur sigma x this (augment.py); 1: the release's at 224 px
 
   c.global_batch_size = 1024
   c.num_epochs = 100
@@ -117,12 +118,15 @@ def _fmnist_demo(c):
   throughput on a CPU. LARS scales each layer's step to 1e-3 x lr of its weights' norm:
   a sub-epoch run needs lr 8 (peak 4 at batch 128) to move them; lr 1 and 24 did worse.
   Crops of at least a quarter of the 28 px image (the release: 8%): 0.79 against 0.74 in
-  one run each, though runs vary by up to 15 points with the seed (README).
+  one run each, though runs vary by up to 15 points with the seed (README). The blur's
+  sigma is scaled by 28/224: the release blurs 224 px views by up to 2 px, and 2 px of a
+  28 px image would wipe out much of a garment's shape.
   """
   c.data.name = "fashion_mnist"
   c.data.image_size = 28
   c.data.eval_split = "test"
   c.data.crop_min_scale = 0.25
+  c.data.blur_scale = 28 / 224
   c.model.update(arch="resnet18", channels=16, stem="small_pool", hidden_dim=512,
                  projection_dim=128)
   c.model.t_stream.update(heads=4, head_dim=8)
@@ -151,7 +155,7 @@ def _fmnist_gpu(c):
   - Batch 1024 (the paper's), LARS (BYOL's) instead of SGD: base lr 1.0, i.e. peak 4.0,
     the demo's peak step, 10 warm-up epochs of 100 (the paper's ratio), weight decay 1e-6.
     5,800 steps (58 an epoch) keep per-step overheads small on a fast card.
-  - Crops of at least 25% of the image (the demo's; release 8%).
+  - Crops of at least 25% of the image and the blur scaled to 28 px (the demo's).
   Budget: 5.6e8 train-step FLOP per pair (`python -m care_jax.summary
   --config=configs/care.py:fmnist_gpu`), 3.3e15 for 100 epochs (6e6 pairs). The R50 step
   reached 132 TFLOP/s on an H100; a model this small uses the card far less well. At an

@@ -85,6 +85,17 @@ def test_view1_always_blurred_view2_rarely():
   np.testing.assert_allclose(x2, view2, atol=1e-5)
 
 
+def test_blur_scale_scales_sigma():
+  key1 = jax.random.split(jax.random.key(0))[0]
+  unblurred = colour_views(key1, images(), 0.0, 0.0)
+  blur = lambda scale: np.abs(np.asarray(colour_views(key1, images(), 1.0, 0.0, scale))
+                              - np.asarray(unblurred)).mean()
+  # The same draws of sigma, eight times smaller: a far weaker blur, but still a blur.
+  assert 0 < blur(28 / 224) < 0.5 * blur(1.0)
+  np.testing.assert_array_equal(colour_views(key1, images(), 1.0, 0.0, 1.0),
+                                colour_views(key1, images(), 1.0, 0.0))
+
+
 def test_view2_is_sometimes_solarised():
   key2 = jax.random.split(jax.random.key(0))[1]
   assert 0.05 < changed_share(key2, (0.1, 0.2), without=(0.1, 0.0))[0] < 0.4  # p = 0.2

@@ -7,9 +7,12 @@ arrays may be batch-sharded global arrays. Imports only jax, numpy and dm-pix.
 Probabilities and ranges are the release's (spec "Augmentations"):
   both views: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a
       random order) with p=0.8, then grayscale with p=0.2;
-  view 1: Gaussian blur with p=1.0, sigma ~ U(0.1, 2.0); no solarisation;
+  view 1: Gaussian blur with p=1.0, sigma ~ U(0.1, 2.0) x blur_scale; no solarisation;
   view 2: Gaussian blur with p=0.1; solarisation (threshold 128 of 255) with p=0.2;
 then normalisation with the ImageNet mean and std. Flips and crops were done on the host.
+The blur's sigma is in pixels of the 224 px views; `blur_scale` (config data.blur_scale,
+1 in the paper presets) scales it for other resolutions: at 28 px, 28/224 blurs the image
+as much, relative to its content, as the release blurs a 224 px view.
 """
 import dm_pix as pix
 import jax
@@ -110,7 +113,7 @@ def _gaussian_blur(image, sigma):
                     blur_matrix(image.shape[1]))
 
 
-def _colour_augment(key, image, blur_prob, solarize_prob):
+def _colour_augment(key, image, blur_prob, solarize_prob, blur_scale):
   """One example: float32 HWC in [0, 1] -> augmented, still in [0, 1].
 
   The probabilities may be traced values: every op is computed and selected, as on an
@@ -121,7 +124,8 @@ def _colour_augment(key, image, blur_prob, solarize_prob):
   image = jnp.where(coin(keys[0], _JITTER_PROB), _colour_jitter(keys[1], image), image)
   grey = jnp.broadcast_to(pix.rgb_to_grayscale(image, keep_dims=True), image.shape)
   image = jnp.where(coin(keys[2], _GRAYSCALE_PROB), grey, image)
-  sigma = jax.random.uniform(keys[3], minval=_SIGMA_RANGE[0], maxval=_SIGMA_RANGE[1])
+  sigma = blur_scale * jax.random.uniform(keys[3], minval=_SIGMA_RANGE[0],
+                                          maxval=_SIGMA_RANGE[1])
   blurred = _gaussian_blur(image, sigma)
   image = jnp.where(coin(keys[4], blur_prob), blurred, image)
   return jnp.where(coin(keys[5], solarize_prob), pix.solarize(image, 0.5), image)
@@ -132,15 +136,16 @@ def normalize(images):
   return (jnp.asarray(images, jnp.float32) / 255. - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def colour_views(key, images, blur_prob, solarize_prob):
+def colour_views(key, images, blur_prob, solarize_prob, blur_scale=1.0):
   """Augments a batch (uint8 NHWC), one independent key per example; normalised out."""
   keys = jax.random.split(key, images.shape[0])
-  augmented = jax.vmap(_colour_augment, in_axes=(0, 0, None, None))(
-      keys, jnp.asarray(images, jnp.float32) / 255., blur_prob, solarize_prob)
+  augmented = jax.vmap(_colour_augment, in_axes=(0, 0, None, None, None))(
+      keys, jnp.asarray(images, jnp.float32) / 255., blur_prob, solarize_prob, blur_scale)
   return (augmented - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def pretrain_views(key, view1, view2):
+def pretrain_views(key, view1, view2, blur_scale=1.0):
   """The two asymmetric CARE views of a batch of host crops (uint8 NHWC each)."""
   key1, key2 = jax.random.split(key)
-  return (colour_views(key1, view1, **_VIEW1), colour_views(key2, view2, **_VIEW2))
+  return (colour_views(key1, view1, **_VIEW1, blur_scale=blur_scale),
+          colour_views(key2, view2, **_VIEW2, blur_scale=blur_scale))

@@ -28,6 +28,7 @@ class Pretraining:
   precision: str
   image_size: int
   probe: Optional[OnlineProbe] = None
+  blur_scale: float = 1.0  # augment.pretrain_views
 
   def abstract_state(self) -> state_lib.TrainState:
     """Shapes and dtypes only: nothing is allocated."""
@@ -49,7 +50,8 @@ class Pretraining:
     The labels are used by the online probe only."""
 
     def step(state, batch):
-      x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"])
+      x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"],
+                                      self.blur_scale)
       return self.train_step(state, (x1, x2), batch.get("label"))
 
     return parallel.jit_train_step(step, mesh)
@@ -75,5 +77,7 @@ def build(config, steps_per_epoch: int, total_steps: int,
   step = make_train_step(online_net=online_net, target_net=target_net, optimizer=optimizer,
                          lr_fn=lr_fn, tau_fn=tau_fn, cross_weight=config.cross_weight,
                          probe=probe)
+  # Configs saved before data.blur_scale existed blurred at the release's scale.
   return Pretraining(online_net, target_net, optimizer, lr_fn, tau_fn, step,
-                     config.precision, config.data.image_size, probe)
+                     config.precision, config.data.image_size, probe,
+                     config.data.get("blur_scale", 1.0))
