@@ -172,7 +172,9 @@ def bench_step(args) -> dict:
   FLOPs are XLA's count for the timed program itself (augmentation included), from the
   lowered program or, where the backend gives none there (JAX 0.11 on CUDA), the compiled
   one; null if neither has one, and the timing is reported all the same. The device keeps
-  one peak memory per process: it is reported for the first variant only. Imports no
+  one peak memory per process: it is reported for the first variant only, next to the peak
+  before its first step (state and compilation) and XLA's own buffer sizes of the
+  compiled step (program_memory_gib: temp, argument, output, alias). Imports no
   tensorflow, tfds or clu: runs on a bare GPU machine.
   """
   import jax
@@ -219,6 +221,8 @@ def bench_step(args) -> dict:
     train_step = lowered.compile(
         compiler_options=pretraining.FAST_COMPILE if args.fast_compile else None)
     compile_seconds = time.perf_counter() - start
+    # Before any step: the state, plus whatever compilation (GPU autotuning) held at once.
+    peak_before = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     times = []
     for _ in range(args.warmup + args.steps):
       start = time.perf_counter()
@@ -235,9 +239,11 @@ def bench_step(args) -> dict:
     flops = summary.program_flops(lowered, train_step, devices)
     figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
                             flops, peak)
+    gib = lambda n: None if n is None else round(n / 2**30, 2)
     return {**figures, "compile_seconds": round(compile_seconds, 1),
-            "steps_timed": args.steps,
-            "peak_memory_gib": None if peak_bytes is None else round(peak_bytes / 2**30, 2),
+            "steps_timed": args.steps, "peak_memory_gib": gib(peak_bytes),
+            "peak_memory_before_first_step_gib": gib(peak_before) if first else None,
+            "program_memory_gib": _program_memory(train_step),
             "finite_loss": bool(np.isfinite(np.asarray(metrics["loss"])))
             if "loss" in metrics else None}
 
@@ -255,6 +261,19 @@ def bench_step(args) -> dict:
         / results["care"]["step_seconds_median"], 3)
   import jaxlib
   return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
+def _program_memory(compiled) -> Optional[dict]:
+  """XLA's buffer sizes of the compiled step (GiB, per device): what the program itself
+  needs, apart from the allocator's history."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # not every backend analyses its programs
+    return None
+  if stats is None:
+    return None
+  return {name: float(f"{getattr(stats, f'{name}_size_in_bytes') / 2**30:.4g}")
+          for name in ("temp", "argument", "output", "alias")}
 
 
 def _describe(r: dict, peak) -> str:

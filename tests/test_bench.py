@@ -153,3 +153,5 @@ def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing
   assert result["flops_per_image_pair"] is None and result["achieved_tflops"] is None
   assert result["step_seconds_median"] > 0 and result["image_pairs_per_sec"] > 0
   assert result["finite_loss"] is True
+  program = result["program_memory_gib"]  # XLA's buffer sizes of the compiled step
+  assert program["argument"] > 0 and program["temp"] > 0 and program["output"] > 0
