@@ -308,7 +308,8 @@ def main(argv=None) -> None:
   p.add_argument("--num_images", type=int, default=2048, help="images to time")
   p.set_defaults(run=bench_input)
 
-  p = commands.add_parser("step", help="the jitted train step, with and without the T-stream blocks")
+  p = commands.add_parser("step",
+                         help="the jitted train step, with and without the T-stream blocks")
   p.add_argument("--preset", default="r50_100ep", help="a preset of configs/care.py")
   p.add_argument("--precision", default="float32",
                  choices=("float32", "bfloat16", "float16"))

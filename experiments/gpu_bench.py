@@ -133,7 +133,8 @@ def environment(run: Run, env: dict) -> dict:
           "'cuda_packages': cuda}))\n")
   _, stdout, stderr = run.command([sys.executable, "-c", code], env, 120)
   info["jax"] = last_json(stdout) or {"error": stderr.strip()[-500:]}
-  code = "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda}))"
+  code = ("import json, torch; "
+          "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda}))")
   _, stdout, _ = run.command([sys.executable, "-c", code], env, 60)
   info["torch"] = last_json(stdout)
   return info
@@ -206,6 +207,10 @@ def main(argv=None):
                       help="tiny sizes: checks this script on a CPU, measures nothing useful")
   parser.add_argument("--only", default="", help="comma-separated names of PLAN to run")
   args = parser.parse_args(argv)
+  unknown = set(filter(None, args.only.split(","))) - {item["name"] for item in PLAN}
+  if unknown:
+    sys.exit(f"error: --only names no measurement {', '.join(sorted(unknown))}; choose from "
+             f"{', '.join(item['name'] for item in PLAN)}.")
   run = Run(args.out, args.budget_s)
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),

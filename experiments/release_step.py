@@ -18,6 +18,7 @@ imports ipdb without using it; an empty stand-in is supplied where ipdb is missi
 The last line printed is a JSON object of the figures.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -32,9 +33,7 @@ def load_release(release_dir: str):
     sys.exit(f"error: no release checkout at {release_dir} (models/care_module.py missing): "
              "check out github.com/ChongjianGE/CARE there (an ignored folder) or pass "
              "--release_dir.")
-  try:
-    import ipdb  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("ipdb") is None:
     sys.modules["ipdb"] = types.ModuleType("ipdb")
   sys.path.insert(0, os.path.abspath(release_dir))
   from models.care_module import CARE
