@@ -106,7 +106,9 @@ def ensure_packages(run: Run, env: dict) -> str:
   wheels = sorted(glob.glob(os.path.join(ROOT, "wheels", "*.whl")))
   if not wheels:
     raise SystemExit("error: ml_collections or dm_pix is missing and wheels/ holds no wheels: "
-                     "download them (README of experiments) and carry wheels/.")
+                     "on a machine with an index run `pip download --python-version 3.12 "
+                     "--platform manylinux2014_x86_64 --only-binary=:all: --no-deps "
+                     "ml-collections dm-pix -d wheels/` and carry wheels/.")
   site = os.path.join(tempfile.gettempdir(), "care_jax_site")
   code, _, stderr = run.command([sys.executable, "-m", "pip", "install", "-q", "--no-index",
                                  "--no-deps", "--no-compile", "--upgrade", "--target", site,
