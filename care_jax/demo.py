@@ -15,7 +15,6 @@ import ast
 import contextlib
 import datetime
 import json
-import logging
 import os
 import pathlib
 import signal
@@ -27,16 +26,6 @@ import numpy as np
 from absl import app, flags
 
 from care_jax import cli, errors
-
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
-_PRESET = flags.DEFINE_enum("preset", "auto", ["auto", "fmnist_gpu", "fmnist_demo"],
-                            "auto: fmnist_gpu when JAX sees a GPU, else fmnist_demo.")
-_STEPS = flags.DEFINE_integer("pretrain_steps", None, "Override the preset's pretraining "
-                              "length (in steps of the preset's batch).")
-_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE: change a config field, e.g. "
-                                 "--set=num_epochs=50 --set=data.data_dir=DIR.")
-_MAX_SECONDS = flags.DEFINE_float("max_pretrain_seconds", 0, "> 0: stop pretraining after "
-                                  "this long (a checkpoint is saved) and probe what it reached.")
 
 STAGES = (
     ("pretrained", "linear_top1", "the CARE-pretrained encoder"),
@@ -73,7 +62,11 @@ def make_config(preset: str, overrides=(), pretrain_steps=None):
       section = section.get(part)
     if not hasattr(section, "get") or name not in section:
       raise errors.UserError(f"--set={item}: the config has no field {field!r}.")
-    section[name] = value
+    try:
+      section[name] = value
+    except TypeError:  # ml_collections keeps each field's type
+      raise errors.UserError(f"--set={item}: {field} must be of type "
+                             f"{type(section[name]).__name__}, got {value!r}.") from None
   if pretrain_steps:
     config.num_train_steps = pretrain_steps
   return config
@@ -81,11 +74,14 @@ def make_config(preset: str, overrides=(), pretrain_steps=None):
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-  """Sends this process SIGTERM after `seconds` (0: never): inside train.pretrain, its
-  preemption handler saves the step reached and stops the loop."""
+  """Sends this process SIGTERM after `seconds` (0: never): train.pretrain's preemption path
+  saves the step reached and stops the loop. The handler is installed before the timer
+  starts, so a limit that runs out during the trainer's setup stops it at its first step."""
   if seconds <= 0:
     yield
     return
+  from care_jax import preemption  # noqa: PLC0415  (imports jax)
+  preemption.listen()
   timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
   timer.daemon = True
   timer.start()
@@ -93,6 +89,7 @@ def time_limit(seconds: float):
     yield
   finally:
     timer.cancel()
+    preemption.withdraw()  # the limit ran out after the last step: not the probes' to obey
 
 
 def pretrain(config, workdir: pathlib.Path, steps_per_epoch: int, total_steps: int,
@@ -208,7 +205,9 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
     results["targets_met"] = targets_met(results)
   lines = conclusion(results, preset)
   results["conclusion"] = " ".join(lines)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  tmp = workdir / "results.json.tmp"  # a reader never sees half a file
+  tmp.write_text(json.dumps(results, indent=2))
+  tmp.replace(workdir / "results.json")
   banner("Results (top-1 on the 10,000 test images, final epoch of the linear probe)")
   for _, key, description in STAGES:
     print(f"  {description:<45} {results[key]:.4f}")
@@ -222,16 +221,31 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
   return results
 
 
+def _define_flags() -> None:
+  """The demo's flags, defined only when it runs as a program: care_jax.main defines
+  --workdir too, and one process (the tests) imports both modules."""
+  flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
+  flags.DEFINE_enum("preset", "auto", ["auto", "fmnist_gpu", "fmnist_demo"],
+                    "auto: fmnist_gpu when JAX sees a GPU, else fmnist_demo.")
+  flags.DEFINE_integer("pretrain_steps", None, "Override the preset's pretraining length (in "
+                       "steps of the preset's batch).")
+  flags.DEFINE_multi_string("set", [], "FIELD=VALUE: change a config field, e.g. "
+                            "--set=num_epochs=50 --set=data.data_dir=DIR.")
+  flags.DEFINE_float("max_pretrain_seconds", 0, "> 0: stop pretraining after this long (a "
+                     "checkpoint is saved) and probe what it reached.")
+
+
 def main(argv):
   del argv
   cli.configure_logging()
+  f = flags.FLAGS
   try:
-    run_demo(pathlib.Path(_WORKDIR.value), _PRESET.value, _SET.value, _STEPS.value,
-             _MAX_SECONDS.value)
+    run_demo(pathlib.Path(f.workdir), f.preset, f.set, f.pretrain_steps, f.max_pretrain_seconds)
   except errors.UserError as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
