@@ -12,6 +12,8 @@ the online one (the release's student), in eval mode with its BatchNorm running 
 `network.trunk_features` (through `network.apply(..., method=...)`) skips the two streams.
 The workdir's config.json says which network to build, so nothing else is needed.
 """
+import jax
+
 from care_jax import checkpointing
 from care_jax.training import pretraining
 
@@ -24,4 +26,25 @@ def load(workdir, step=None):
   config = checkpointing.load_config(workdir)
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
   state = checkpointing.restore_from_workdir(workdir, setup.abstract_state(), step)
+  return setup.online_net, {"params": state.online_params, "batch_stats": state.online_stats}
+
+
+def latest_step(workdir) -> int:
+  """The step of the workdir's latest checkpoint (what `load` reads by default)."""
+  with checkpointing.manager(workdir, read_only=True) as mgr:
+    step = mgr.latest_step()
+  if step is None:
+    raise checkpointing.CheckpointError(
+        f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: pass the --workdir of a "
+        "pretraining run that has saved one.")
+  return step
+
+
+def random_init(config, image_size: int):
+  """(online CareNetwork, variables) of config.model at its random initialisation
+  (config.seed), built for `image_size` (the stem depends on it): the baseline encoder."""
+  config = config.copy_and_resolve_references()
+  config.data.image_size = image_size
+  setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
+  state = setup.init_state(jax.random.key(config.seed))
   return setup.online_net, {"params": state.online_params, "batch_stats": state.online_stats}

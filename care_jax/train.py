@@ -16,9 +16,9 @@ import jax
 
 from care_jax import checkpointing, metric_writers, parallel
 from care_jax.data import input_pipeline
-from care_jax.evaluation import monitor as monitor_lib, online_probe
+from care_jax.evaluation import monitor as monitor_lib
 from care_jax.preemption import Preempted, Preemption
-from care_jax.training import pretraining
+from care_jax.training import online_probe, pretraining
 
 
 def schedule_length(config, num_train_examples: int) -> tuple[int, int]:

@@ -34,9 +34,7 @@ def load_network(workdir: str, encoder: str):
   if encoder == "pretrained":
     network, variables = pretrained.load(workdir)
   elif encoder == "random_init":
-    from care_jax.evaluation import linear  # noqa: PLC0415  (heavy; only this encoder)
-    network, state = linear.random_init_state(config, config.data.image_size)
-    variables = {"params": state.online_params, "batch_stats": state.online_stats}
+    network, variables = pretrained.random_init(config, config.data.image_size)
   else:
     raise SystemExit(f"--encoder must be 'pretrained' or 'random_init', got {encoder!r}.")
   return config, network, variables

@@ -146,3 +146,25 @@ def test_resolution_is_the_pretraining_runs_unless_overridden(tmp_path, image_fo
   assert results["image_size"] == 24
   assert "Evaluating at 24 px (linear_eval.image_size); the encoder was pretrained at 16 px" \
       in caplog.text
+
+
+def test_resuming_after_the_pretraining_saved_a_newer_checkpoint_is_refused(
+    tmp_path, image_folder, pretrained_workdir):
+  import shutil
+  from care_jax import checkpointing
+  from care_jax.training import pretraining
+  source = tmp_path / "pretrain"
+  shutil.copytree(pretrained_workdir, source)
+  config = eval_config(image_folder, str(source), num_epochs=1)
+  first = linear.evaluate(config, str(tmp_path / "eval"))
+  assert "step 4" in first["encoder"]
+  # The pretraining run goes on and saves step 5: the finished evaluation is of step 4.
+  setup = pretraining.build(checkpointing.load_config(source), 1, 1)
+  state = checkpointing.restore_from_workdir(source, setup.abstract_state())
+  with checkpointing.manager(source) as mgr:
+    checkpointing.save(mgr, 5, state.replace(step=state.step + 1), force=True)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"holds an evaluation of checkpoint 4 of .*pretrain, and it would "
+                           r"now read checkpoint 5 of .*pretrain. Pass a new --workdir"):
+    linear.evaluate(config, str(tmp_path / "eval"))
+  assert json.loads((tmp_path / "eval" / "results.json").read_text()) == first

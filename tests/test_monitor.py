@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from care_jax.evaluation import knn, online_probe
-from care_jax.training import pretraining
+from care_jax.evaluation import knn
+from care_jax.training import online_probe, pretraining
 from tests.conftest import load_config, quick_compile
 
 

@@ -4,14 +4,12 @@ import json
 import numpy as np
 import PIL.Image
 
-from care_jax import visualize
-from care_jax.evaluation import linear
+from care_jax import pretrained, visualize
 from tests.conftest import load_config
 
 
 def test_attention_sums_to_one_per_query_and_the_png_has_a_panel_per_map(tmp_path):
-  network, state = linear.random_init_state(load_config("tiny"), 16)
-  variables = {"params": state.online_params, "batch_stats": state.online_stats}
+  network, variables = pretrained.random_init(load_config("tiny"), 16)
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
   attention, c_maps = visualize.stream_maps(network, variables, images, block=0)
   assert attention.shape == (3, 2, 4, 4, 4, 4)  # tiny: 2 heads on layer3's 4x4 grid

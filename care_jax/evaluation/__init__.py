@@ -1,1 +1,2 @@
-"""Evaluation of pretrained encoders (linear probe)."""
+"""Evaluation of encoders: the kNN monitor during pretraining, linear evaluation and
+fine-tuning after it, and what they share (features of a split, checkpointed runs)."""

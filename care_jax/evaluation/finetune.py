@@ -20,12 +20,12 @@ import optax
 from care_jax import checkpointing, parallel, pretrained
 from care_jax.data import augment, input_pipeline, sources
 from care_jax.errors import UserError
-from care_jax.evaluation import features, linear, supervised
+from care_jax.evaluation import features, supervised
 from care_jax.training import state as state_lib
 
+ENCODERS = ("pretrained", "random_init")
 LABELS = {"1pct": 0.01, "10pct": 0.1, "all": 1.0}
 IMAGENET_SUBSETS = {"1pct": "imagenet2012_subset/1pct", "10pct": "imagenet2012_subset/10pct"}
-
 
 _head = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
                           bias_init=nn.initializers.zeros)
@@ -58,33 +58,27 @@ def labelled_data(config):
   return data, sources.stratified_indices(labels, LABELS[ft.labels], ft.label_seed)
 
 
-def _initial_trunk(config, image_size: int):
+def _initial_trunk(config, source: dict, image_size: int):
   """(trunk module, its params, its BN statistics): pretrained or at random init."""
-  ft = config.finetune
-  if ft.encoder == "pretrained":
-    network, variables = pretrained.load(ft.pretrained_workdir)
-    params, stats = variables["params"], variables["batch_stats"]
+  if source["encoder"] == "pretrained":
+    network, variables = pretrained.load(source["workdir"], source["step"])
   else:
-    network, state = linear.random_init_state(config, image_size)
-    params, stats = state.online_params, state.online_stats
-  return network.trunk, params["trunk"], stats["trunk"]
+    network, variables = pretrained.random_init(config, image_size)
+  return network.trunk, variables["params"]["trunk"], variables["batch_stats"]["trunk"]
 
 
 def finetune(config, workdir: str) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
   ft = config.finetune
   checkpointing.check_workdir(workdir)
-  if ft.encoder not in ("pretrained", "random_init"):
-    raise UserError(f"finetune.encoder must be 'pretrained' or 'random_init', got "
-                    f"{ft.encoder!r}.")
-  linear._check_encoder(ft.encoder, ft.pretrained_workdir, "finetune")
+  supervised.check_encoder(ft, "finetune", ENCODERS)
   if config.precision not in ("float32", "bfloat16"):
     raise UserError(f"Fine-tuning runs in float32 or bfloat16, not {config.precision!r}; "
                     "set --config.precision.")
   mesh = parallel.create_mesh()
   parallel.check_batch_size(ft.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
-  data.image_size = supervised.image_size(config, "finetune", linear.pretrained_config(ft))
+  data.image_size = supervised.image_size(config, "finetune", supervised.pretrained_config(ft))
   train_data, train_indices = labelled_data(config)
   train_data.image_size = data.image_size
   info = input_pipeline.dataset_info(train_data)
@@ -93,9 +87,9 @@ def finetune(config, workdir: str) -> dict:
                                   "finetune.global_batch_size")
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
   total_steps = ft.num_epochs * steps_per_epoch
-  run = supervised.Run(workdir, config, "finetune")
 
-  trunk, trunk_params, trunk_stats = _initial_trunk(config, data.image_size)
+  source = supervised.encoder_source(ft)
+  trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size)
   model = Classifier(trunk.clone(dtype=state_lib.PRECISIONS[config.precision]),
                      info.num_classes)
   head = _head(info.num_classes).init(jax.random.key(config.seed),
@@ -105,33 +99,18 @@ def finetune(config, workdir: str) -> dict:
   tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
                    optax.sgd(lr, momentum=ft.momentum, nesterov=True))
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
-                          "batch_stats": {"trunk": trunk_stats},
-                          "opt_state": tx.init(params)}, replicated)
-  state, history = run.restore(state)
-  logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d steps.",
-               ft.pretrained_workdir if ft.encoder == "pretrained" else "a random init",
-               data.image_size, num_train, ft.labels, ft.num_epochs, steps_per_epoch)
+  initial = jax.device_put(supervised.initial_state(params, {"trunk": trunk_stats}, tx),
+                           replicated)
+  apply = lambda variables, images, **kwargs: model.apply(
+      variables, augment.normalize(images), **kwargs)
+  train_step = jax.jit(supervised.classifier_step(apply, tx),
+                       in_shardings=(replicated, sharded, sharded),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
 
-  @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded),
-                     out_shardings=(replicated, replicated), donate_argnums=(0,))
-  def train_step(state, images, labels):
-    def loss_fn(params):
-      logits, new = model.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                augment.normalize(images), train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, new["batch_stats"]
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": stats, "opt_state": opt_state}, loss
-
-  @functools.partial(jax.jit, in_shardings=(replicated, sharded),
-                     out_shardings=sharded)
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=sharded)
   def logits_fn(state, images):
-    return model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                       augment.normalize(images), train=False)
+    return apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
+                 train=False)
 
   counts_fn = jax.jit(supervised.correct_counts,
                       in_shardings=(sharded, sharded, sharded), out_shardings=replicated)
@@ -141,11 +120,17 @@ def finetune(config, workdir: str) -> dict:
         counts_fn(*batch) for batch in features.embedded_batches(
             functools.partial(logits_fn, state), data, data.eval_split, mesh)))
 
-  batches = input_pipeline.eval_batches(
-      train_data, split="train", global_batch_size=ft.global_batch_size, seed=config.seed,
-      start_step=int(state["step"]), process_index=jax.process_index(),
-      process_count=jax.process_count(), train_indices=train_indices)
+  run = supervised.Run(workdir, config, "finetune", source)
+  batches = None
   try:
+    state, history = run.restore(initial)
+    logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d "
+                 "steps.", _describe(source), data.image_size, num_train, ft.labels,
+                 ft.num_epochs, steps_per_epoch)
+    batches = input_pipeline.eval_batches(
+        train_data, split="train", global_batch_size=ft.global_batch_size, seed=config.seed,
+        start_step=int(state["step"]), process_index=jax.process_index(),
+        process_count=jax.process_count(), train_indices=train_indices)
     for step in range(int(state["step"]), total_steps):
       batch = next(batches)
       state, loss = train_step(state, *parallel.host_to_global(
@@ -161,9 +146,15 @@ def finetune(config, workdir: str) -> dict:
       if done < total_steps:
         run.stop_if_preempted(done, state, history)
   finally:
-    batches.close()
+    if batches is not None:
+      batches.close()
     run.close()
   return run.write_results(supervised.summarise(
-      history, encoder=ft.pretrained_workdir if ft.encoder == "pretrained" else "random init",
-      labels=ft.labels, labelled_examples=num_train, epochs=ft.num_epochs,
-      image_size=data.image_size))
+      history, encoder=_describe(source), labels=ft.labels, labelled_examples=num_train,
+      epochs=ft.num_epochs, image_size=data.image_size))
+
+
+def _describe(source: dict) -> str:
+  if source["encoder"] == "pretrained":
+    return f"pretrained ({source['workdir']}, step {source['step']})"
+  return "random init"

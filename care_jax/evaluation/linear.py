@@ -11,10 +11,8 @@ The run checkpoints at the end of every epoch and on SIGTERM, and a rerun resume
 (`supervised`); the resolution is the pretraining run's unless linear_eval.image_size says
 otherwise.
 """
-import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -25,9 +23,7 @@ from jax.experimental import multihost_utils
 
 from care_jax import checkpointing, parallel, pretrained
 from care_jax.data import augment, input_pipeline
-from care_jax.errors import UserError
 from care_jax.evaluation import features, supervised
-from care_jax.training import pretraining
 
 ENCODERS = ("pretrained", "random_init", "raw_pixels")
 
@@ -42,61 +38,21 @@ class LinearHead(nn.Module):
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(logits)
 
 
-@dataclasses.dataclass(frozen=True)
-class Encoder:
-  """A frozen encoder: apply(variables, uint8 images) -> [B, D] float32 features."""
-  apply: Callable
-  variables: Any
-  description: str
-  pretrained_config: Optional[Any] = None  # the pretraining run's config, if any
-
-  def features_fn(self, mesh) -> Callable:
-    """uint8 images (batch-sharded) -> features (batch-sharded), jitted over the mesh."""
-    jitted = jax.jit(self.apply, in_shardings=(parallel.replicated(mesh),
-                                               parallel.batch_sharded(mesh)),
-                     out_shardings=parallel.batch_sharded(mesh))
-    return functools.partial(jitted, self.variables)
-
-
-def _check_encoder(kind: str, pretrained_workdir, section: str = "linear_eval") -> None:
-  if kind not in ENCODERS:
-    raise UserError(f"{section}.encoder must be one of {ENCODERS}, got {kind!r}.")
-  if kind == "pretrained" and not pretrained_workdir:
-    raise UserError(f"{section}.pretrained_workdir is not set: pass "
-                    f"--config.{section}.pretrained_workdir=<pretraining workdir>.")
-
-
-def random_init_state(config, image_size: int):
-  """The online network of config.model at its random initialisation (config.seed)."""
-  config = config.copy_and_resolve_references()
-  config.data.image_size = image_size
-  setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
-  return setup.online_net, setup.init_state(jax.random.key(config.seed))
-
-
-def load_encoder(config, image_size: int) -> Encoder:
-  """The encoder linear_eval.encoder names (its checkpoint is read only here)."""
-  kind, source = config.linear_eval.encoder, config.linear_eval.pretrained_workdir
-  _check_encoder(kind, source)
-  if kind == "raw_pixels":
-    return Encoder(lambda _, images: augment.normalize(images).reshape(images.shape[0], -1),
-                   {}, kind)
-  if kind == "pretrained":
-    net, variables = pretrained.load(source)
-    description, pretrained_config = f"pretrained ({source})", checkpointing.load_config(source)
+def encoder_features(config, source: dict, image_size: int, mesh):
+  """(uint8 images -> [B, D] float32 features over the mesh, description) of the encoder
+  `source` (supervised.encoder_source) names; its checkpoint is read only here."""
+  if source["encoder"] == "raw_pixels":
+    flat = lambda images: augment.normalize(images).reshape(images.shape[0], -1)
+    sharded = parallel.batch_sharded(mesh)
+    return jax.jit(flat, in_shardings=sharded, out_shardings=sharded), "raw_pixels"
+  if source["encoder"] == "pretrained":
+    network, variables = pretrained.load(source["workdir"], source["step"])
+    description = f"pretrained ({config.linear_eval.pretrained_workdir}, step {source['step']})"
   else:
-    net, state = random_init_state(config, image_size)
-    variables = {"params": state.online_params, "batch_stats": state.online_stats}
-    description, pretrained_config = "random init", None
-  apply = lambda v, images: net.apply(v, augment.normalize(images), method=net.trunk_features)
-  return Encoder(apply, variables, description, pretrained_config)
-
-
-def pretrained_config(section_config):
-  """The config.json of the pretraining run an evaluation reads, or None."""
-  if section_config.encoder != "pretrained" or not section_config.pretrained_workdir:
-    return None
-  return checkpointing.load_config(section_config.pretrained_workdir)
+    network, variables = pretrained.random_init(config, image_size)
+    description = "random init"
+  return (functools.partial(features.trunk_features_fn(network, mesh), variables),
+          description)
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -104,19 +60,19 @@ def evaluate(config, workdir: str) -> dict:
   lin = config.linear_eval
   # Everything that can be checked is checked before any work.
   checkpointing.check_workdir(workdir)
-  _check_encoder(lin.encoder, lin.pretrained_workdir)
+  supervised.check_encoder(lin, "linear_eval", ENCODERS)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(lin.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
-  data.image_size = supervised.image_size(config, "linear_eval", pretrained_config(lin))
+  data.image_size = supervised.image_size(config, "linear_eval",
+                                          supervised.pretrained_config(lin))
   info = input_pipeline.dataset_info(data)
   input_pipeline.check_batch_fits(info.num_train_examples, lin.global_batch_size,
                                   "linear_eval.global_batch_size")
-  run = supervised.Run(workdir, config, "linear_eval")
-  encoder = load_encoder(config, data.image_size)
-  features_fn = encoder.features_fn(mesh)
-  logging.info("Linear evaluation of %s at %d px: %d epochs.", encoder.description,
-               data.image_size, lin.num_epochs)
+  source = supervised.encoder_source(lin)
+  features_fn, description = encoder_features(config, source, data.image_size, mesh)
+  logging.info("Linear evaluation of %s at %d px: %d epochs.", description, data.image_size,
+               lin.num_epochs)
 
   if lin.augment:
     num_train = info.num_train_examples
@@ -136,22 +92,9 @@ def evaluate(config, workdir: str) -> dict:
                    optax.sgd(lr, momentum=lin.momentum))
   variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)), train=False)
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-                          "batch_stats": variables["batch_stats"],
-                          "opt_state": tx.init(variables["params"])}, replicated)
-  state, history = run.restore(state)
-
-  def head_step(state, feats, labels):
-    def loss_fn(params):
-      logits, new = head.apply({"params": params, "batch_stats": state["batch_stats"]}, feats,
-                               train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, new["batch_stats"]
-
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": stats, "opt_state": opt_state}, loss
+  initial = jax.device_put(
+      supervised.initial_state(variables["params"], variables["batch_stats"], tx), replicated)
+  head_step = supervised.classifier_step(head.apply, tx)
 
   def head_counts(state, feats, labels, mask):
     logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
@@ -160,7 +103,6 @@ def evaluate(config, workdir: str) -> dict:
 
   head_counts = jax.jit(head_counts, in_shardings=(replicated, sharded, sharded, sharded),
                         out_shardings=replicated)
-
   eval_features = []  # the frozen encoder's features of the eval split, computed once
 
   def evaluate_head(state):
@@ -168,42 +110,44 @@ def evaluate(config, workdir: str) -> dict:
       eval_features.extend(features.embedded_batches(features_fn, data, data.eval_split, mesh))
     return supervised.accuracy(sum(head_counts(state, *batch) for batch in eval_features))
 
-  if lin.augment:
-    train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
-                         out_shardings=(replicated, replicated), donate_argnums=(0,))
-    batches = input_pipeline.eval_batches(
-        data, split="train", global_batch_size=lin.global_batch_size, seed=config.seed,
-        start_step=int(state["step"]), process_index=jax.process_index(),
-        process_count=jax.process_count())
-
-    def train_epoch(state, epoch):
-      """The rest of `epoch`, a step at a time."""
-      for _ in range(int(state["step"]), epoch * steps_per_epoch):
-        batch = next(batches)
-        images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
-        state, loss = train_step(state, features_fn(images), labels)
-        step = int(state["step"])  # the epoch's last step is checked after its evaluation
-        if step < epoch * steps_per_epoch:
-          run.stop_if_preempted(step, state, history)
-      return state, loss
-  else:
-    batches = None
-    train_feats, train_labels = jax.device_put((train_feats, train_labels), replicated)
-
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def scan_epoch(state, order):
-      """One epoch over cached features in a single dispatch: order is [steps, batch]."""
-      state, losses = jax.lax.scan(
-          lambda state, idx: head_step(state, train_feats[idx], train_labels[idx]), state,
-          order)
-      return state, losses[-1]
-
-    def train_epoch(state, epoch):
-      order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
-      order = order[:steps_per_epoch * lin.global_batch_size]
-      return scan_epoch(state, order.reshape(steps_per_epoch, lin.global_batch_size))
-
+  run = supervised.Run(workdir, config, "linear_eval", source)
+  batches = None
   try:
+    state, history = run.restore(initial)
+    if lin.augment:
+      train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
+                           out_shardings=(replicated, replicated), donate_argnums=(0,))
+      batches = input_pipeline.eval_batches(
+          data, split="train", global_batch_size=lin.global_batch_size, seed=config.seed,
+          start_step=int(state["step"]), process_index=jax.process_index(),
+          process_count=jax.process_count())
+
+      def train_epoch(state, epoch):
+        """The rest of `epoch`, a step at a time."""
+        for _ in range(int(state["step"]), epoch * steps_per_epoch):
+          batch = next(batches)
+          images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
+          state, loss = train_step(state, features_fn(images), labels)
+          step = int(state["step"])  # the epoch's last step is checked after its evaluation
+          if step < epoch * steps_per_epoch:
+            run.stop_if_preempted(step, state, history)
+        return state, loss
+    else:
+      train_feats, train_labels = jax.device_put((train_feats, train_labels), replicated)
+
+      @functools.partial(jax.jit, donate_argnums=(0,))
+      def scan_epoch(state, order):
+        """One epoch over cached features in a single dispatch: order is [steps, batch]."""
+        state, losses = jax.lax.scan(
+            lambda state, idx: head_step(state, train_feats[idx], train_labels[idx]), state,
+            order)
+        return state, losses[-1]
+
+      def train_epoch(state, epoch):
+        order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
+        order = order[:steps_per_epoch * lin.global_batch_size]
+        return scan_epoch(state, order.reshape(steps_per_epoch, lin.global_batch_size))
+
     for epoch in range(int(state["step"]) // steps_per_epoch + 1, lin.num_epochs + 1):
       state, loss = train_epoch(state, epoch)
       step = int(state["step"])
@@ -219,8 +163,7 @@ def evaluate(config, workdir: str) -> dict:
       batches.close()
     run.close()
   return run.write_results(supervised.summarise(
-      history, encoder=encoder.description, epochs=lin.num_epochs,
-      image_size=data.image_size))
+      history, encoder=description, epochs=lin.num_epochs, image_size=data.image_size))
 
 
 def _cached_train_split(features_fn, data, mesh):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from care_jax import parallel
 from care_jax.evaluation import features, knn
-from care_jax.evaluation.online_probe import OnlineProbe
+from care_jax.training.online_probe import OnlineProbe
 
 
 class Monitor:

@@ -1,11 +1,12 @@
-"""What linear evaluation and fine-tuning share: checks made before any work, a state that
-orbax checkpoints and a rerun resumes exactly, TensorBoard scalars, top-1/top-5 counts on
-the eval split, and results.json.
+"""What linear evaluation and fine-tuning share: checks made before any work, the encoder
+they start from, a classifier's training step, a state that orbax checkpoints and a rerun
+resumes exactly, TensorBoard scalars, top-1/top-5 counts on the eval split, results.json.
 
-An evaluation's workdir holds config.json, checkpoints/ (the state and the evaluations so
-far, at the end of every epoch and on SIGTERM) and, once it ends, results.json. Rerunning
-the same command resumes from the latest checkpoint; a rerun under settings that would
-change the result is refused, as in pretraining.
+An evaluation's workdir holds config.json, checkpoints/ (the state, the evaluations so far
+and which encoder they evaluate, at the end of every epoch and on SIGTERM) and, once it
+ends, results.json. Rerunning the same command resumes from the latest checkpoint; a rerun
+under settings that would change the result is refused, as in pretraining, and so is one
+whose pretraining run has saved a newer checkpoint since.
 """
 import json
 import logging
@@ -14,14 +15,42 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 
-from care_jax import checkpointing, metric_writers
+from care_jax import checkpointing, metric_writers, pretrained
+from care_jax.errors import UserError
 from care_jax.preemption import Preempted, Preemption
 
 # Fields an evaluation's result depends on, and those under them that change nothing.
 _COMPARED = ("seed", "data", "model", "precision")
 _BOOKKEEPING = ("data.data_dir", "data.folder_root", "data.num_workers")
+
+
+def check_encoder(section_config, section: str, encoders: tuple) -> None:
+  kind = section_config.encoder
+  if kind not in encoders:
+    raise UserError(f"{section}.encoder must be one of {encoders}, got {kind!r}.")
+  if kind == "pretrained" and not section_config.pretrained_workdir:
+    raise UserError(f"{section}.pretrained_workdir is not set: pass "
+                    f"--config.{section}.pretrained_workdir=<pretraining workdir>.")
+
+
+def pretrained_config(section_config):
+  """The config.json of the pretraining run an evaluation reads, or None."""
+  if section_config.encoder != "pretrained":
+    return None
+  return checkpointing.load_config(section_config.pretrained_workdir)
+
+
+def encoder_source(section_config) -> dict:
+  """Which encoder an evaluation starts from: for a pretraining run, its workdir and the
+  checkpoint step read, so that a resumed evaluation can tell it still has the same one."""
+  if section_config.encoder != "pretrained":
+    return {"encoder": section_config.encoder}
+  workdir = section_config.pretrained_workdir
+  return {"encoder": "pretrained", "workdir": str(pathlib.Path(workdir).absolute()),
+          "step": pretrained.latest_step(workdir)}
 
 
 def image_size(config, section: str, pretrained_config=None) -> int:
@@ -60,16 +89,48 @@ def accuracy(counts) -> dict:
   return {"top1": top1 / examples, "top5": top5 / examples, "examples": examples}
 
 
-class Run:
-  """The bookkeeping of one evaluation run: checkpoints, metrics, preemption, results."""
+def initial_state(params, batch_stats, tx) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+          "opt_state": tx.init(params)}
 
-  def __init__(self, workdir, config, section: str):
-    self.workdir = pathlib.Path(workdir)
+
+def classifier_step(apply, tx):
+  """(state, inputs, labels) -> (state, loss): one step of softmax cross-entropy for a
+  flax classifier `apply(variables, inputs, train=True, mutable=["batch_stats"])`."""
+
+  def step(state, inputs, labels):
+    def loss_fn(params):
+      logits, new = apply({"params": params, "batch_stats": state["batch_stats"]}, inputs,
+                          train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new["batch_stats"]
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": stats, "opt_state": opt_state}, loss
+
+  return step
+
+
+class Run:
+  """The bookkeeping of one evaluation run: checkpoints, metrics, preemption, results.
+
+  Made once every check has passed and the encoder is loaded; `close` must follow.
+  `source` (encoder_source) is checkpointed with the state and must match on resume.
+  """
+
+  def __init__(self, workdir, config, section: str, source: dict):
+    self.workdir, self._source = pathlib.Path(workdir), source
     self.mgr = checkpointing.manager(workdir, keep=2)
-    if self.mgr.latest_step() is not None:
-      checkpointing.check_same_run(workdir, config, compared=_COMPARED + (section,),
-                                   resumable=_BOOKKEEPING)
-    checkpointing.save_config(workdir, config)
+    try:
+      if self.mgr.latest_step() is not None:
+        checkpointing.check_same_run(workdir, config, compared=_COMPARED + (section,),
+                                     resumable=_BOOKKEEPING)
+      checkpointing.save_config(workdir, config)
+    except Exception:
+      self.mgr.close()  # an open manager's threads would fail noisily at exit
+      raise
     self.writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0)
     # Per-epoch scalars go to TensorBoard only: a line per epoch would drown the log.
@@ -87,13 +148,20 @@ class Run:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), initial_state)
     restored = checkpointing.restore_items(self.mgr, step,
                                            state=ocp.args.StandardRestore(abstract),
-                                           history=ocp.args.JsonRestore())
+                                           progress=ocp.args.JsonRestore())
+    saved = restored.progress["source"]
+    if saved != self._source:
+      raise checkpointing.CheckpointError(
+          f"{self.workdir} holds an evaluation of {_describe(saved)}, and it would now read "
+          f"{_describe(self._source)}. Pass a new --workdir to evaluate that, or move "
+          f"{self.workdir} away.")
     logging.info("Resumed from the checkpoint of step %d in %s.", step, self.mgr.directory)
-    return restored.state, list(restored.history)
+    return restored.state, list(restored.progress["history"])
 
   def save(self, step: int, state, history: list) -> None:
+    progress = {"history": history, "source": self._source}
     self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                history=ocp.args.JsonSave(history)),
+                                                progress=ocp.args.JsonSave(progress)),
                   force=True)
 
   def stop_if_preempted(self, step: int, state, history: list) -> None:
@@ -150,3 +218,9 @@ def summarise(history: list, **fields) -> dict:
   return {**fields, "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"],
           "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
           "history": history}
+
+
+def _describe(source: dict) -> str:
+  if source["encoder"] != "pretrained":
+    return f"the {source['encoder']} encoder"
+  return f"checkpoint {source['step']} of {source['workdir']}"

@@ -1,1 +1,2 @@
-"""Optimiser, schedules, training state and the pure train step (no data, no I/O)."""
+"""Optimiser, schedules, training state, the pure train step and the online probe it
+trains alongside (no data, no I/O)."""

@@ -10,8 +10,8 @@ from care_jax.models import create_networks
 from care_jax import parallel
 from care_jax.data import augment
 from care_jax.errors import UserError
-from care_jax.evaluation.online_probe import OnlineProbe
 from care_jax.training import optimizers, schedules, state as state_lib
+from care_jax.training.online_probe import OnlineProbe
 from care_jax.training.train_step import make_train_step
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
