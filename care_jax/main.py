@@ -5,7 +5,8 @@ evaluation of a pretrained encoder.
 
 Rerunning the same command resumes from the latest checkpoint in DIR. Exit status: 0 when
 the run is complete, 2 for a setting or file to fix (one line on stderr), 75 when SIGTERM
-stopped the run after saving a checkpoint (preempted: rerun the same command to resume).
+stopped the run after saving a checkpoint (preempted: rerun the same command to resume;
+DIR/PREEMPTED says so too, for launchers that lose the status).
 """
 import logging
 import sys
@@ -73,9 +74,15 @@ def _print_help(argv):
   sys.exit(0)
 
 
+def _fail(message: str):
+  """A setting to fix: one line on stderr and exit status 2, as `main` ends a UserError."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv):
-  """absl's parsing, with config mistakes reported as one line instead of a traceback, and
-  the --config file found from any directory (cli.resolve_config_path)."""
+  """absl's parsing, with config mistakes reported as one line (exit status 2) instead of a
+  traceback, and the --config file found from any directory (cli.resolve_config_path)."""
   argv = cli.resolve_config_args(argv)
   if any(arg in cli.HELP_FLAGS for arg in argv[1:]):
     _print_help(argv)
@@ -87,14 +94,13 @@ def parse_flags(argv):
     try:
       fields = sorted(_flat_fields(_config_from_argv(argv)))
     except Exception:  # the config itself cannot be built; the reason says why
-      sys.exit(f"error: {reason}")
+      _fail(reason)
     unknown = [arg.split("=")[0][len("--config."):] for arg in argv[1:]
                if arg.startswith("--config.")
                and arg.split("=")[0][len("--config."):] not in fields]
     if unknown:
-      sys.exit(f"error: unknown config field(s) {', '.join(unknown)}. "
-               f"Valid fields: {', '.join(fields)}")
-    sys.exit(f"error: {reason}")
+      _fail(f"unknown config field(s) {', '.join(unknown)}. Valid fields: {', '.join(fields)}")
+    _fail(reason)
 
 
 def main(argv):
@@ -106,9 +112,9 @@ def main(argv):
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   except preemption.Preempted as e:
+    preemption.write_marker(_WORKDIR.value, str(e))
     logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)
     sys.exit(preemption.EXIT_STATUS)
 

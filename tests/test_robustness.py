@@ -239,19 +239,29 @@ def test_the_command_line_resumes_past_a_damaged_checkpoint_without_tracebacks(
   assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
 
 
-@pytest.mark.parametrize("status, requeued", [(EXIT_STATUS, True), (0, False), (2, False)])
-def test_the_slurm_script_requeues_a_preempted_run(tmp_path, status, requeued):
+@pytest.mark.parametrize("status, marker, requeued", [
+    (EXIT_STATUS, True, True),
+    (137, True, True),  # process 0 exited 75 and srun reports another's SIGKILL
+    (EXIT_STATUS, False, True),
+    (0, False, False), (2, False, False), (137, False, False)])
+def test_the_slurm_script_requeues_a_preempted_run(tmp_path, status, marker, requeued):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "PREEMPTED").write_text("left by an earlier attempt\n")  # removed before srun
   fake_bin = tmp_path / "bin"
   fake_bin.mkdir()
-  for name, body in (("srun", f'echo "$@" > {tmp_path}/srun.args\nexit {status}'),
+  srun = f'echo "$@" > {tmp_path}/srun.args\n'
+  if marker:
+    srun += f"echo preempted > {workdir}/PREEMPTED\n"
+  for name, body in (("srun", f"{srun}exit {status}"),
                      ("scontrol", f'echo "$@" >> {tmp_path}/scontrol.calls')):
     (fake_bin / name).write_text(f"#!/bin/sh\n{body}\n")
     (fake_bin / name).chmod(0o755)
   env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
              SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", CARE_ROOT=str(ROOT))
-  out = subprocess.run(["bash", str(ROOT / "experiments" / "slurm.sbatch"), "tiny", "runs/x"],
-                       env=env, capture_output=True, text=True, timeout=60)
-  assert out.returncode == status, out.stderr
+  out = subprocess.run(["bash", str(ROOT / "experiments" / "slurm.sbatch"), "tiny",
+                        str(workdir)], env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == (EXIT_STATUS if requeued else status), out.stderr
   assert "--config.distributed=True" in (tmp_path / "srun.args").read_text()
   calls = tmp_path / "scontrol.calls"
   assert (calls.read_text() == "requeue 4242\n") if requeued else not calls.exists()
