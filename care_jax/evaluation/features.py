@@ -18,7 +18,7 @@ import numpy as np
 from care_jax import parallel
 from care_jax.data import augment, input_pipeline
 
-_CACHE_BYTES = 2**31
+_CACHE_BYTES = 2**30  # per split; at most 4 splits are kept (_cached_batches)
 _IMAGES_PER_PASS = 1024  # global batch of a forward pass, rounded up to the device count
 
 
