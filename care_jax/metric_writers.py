@@ -1,12 +1,14 @@
-"""Metric writers (TensorBoard events and log lines) and the profiling hook, with or
-without clu.
+"""Metric writers (TensorBoard events and log lines), with or without clu, and the
+profiling hook.
 
 The trainer and the evaluations call this module as they would clu's `metric_writers`
-(create_default_writer, SummaryWriter) and `periodic_actions.Profile`. Where clu imports,
-these are clu's. clu needs tensorflow, which the GPU machines lack (gpu-runbook): there
-the same calls write TensorBoard event files with the `tensorboard` package alone, scalars
-stored as the tensor summaries tf.summary writes, so that TensorBoard, EventAccumulator
-and care_jax.plot read both alike, and log lines through absl logging.
+(create_default_writer, SummaryWriter). Where clu imports, these are clu's. clu needs
+tensorflow, which the GPU machines lack (gpu-runbook): there the same calls write
+TensorBoard event files with the `tensorboard` package alone, scalars stored as the tensor
+summaries tf.summary writes, so that TensorBoard, EventAccumulator and care_jax.plot read
+both alike, and log lines through absl logging. The profiling hook is always this
+module's: clu's traces again every hour and cannot be stopped from outside, so a run
+preempted inside its window would leave the trace running.
 """
 import logging
 import time
@@ -14,9 +16,9 @@ import time
 import jax
 
 try:
-  from clu import metric_writers as _clu_writers, periodic_actions as _clu_actions
+  from clu import metric_writers as _clu_writers
 except ImportError:  # No clu, or clu without tensorflow.
-  _clu_writers = _clu_actions = None
+  _clu_writers = None
 
 HAVE_CLU = _clu_writers is not None
 
@@ -96,24 +98,25 @@ def SummaryWriter(logdir):  # noqa: N802  (clu's class name)
   return _EventWriter(logdir)
 
 
-class _Profile:
-  """Traces steps first_profile .. first_profile + num_profile_steps into `logdir`."""
+class Profile:
+  """A hook, called with each completed step, that traces steps first_profile ..
+  first_profile + num_profile_steps into `logdir`; close() ends a trace the run left
+  running (stopped early, inside the window)."""
 
-  def __init__(self, logdir, num_profile_steps: int, first_profile: int):
+  def __init__(self, *, logdir, num_profile_steps: int, first_profile: int):
     self._logdir, self._start = str(logdir), first_profile
     self._stop = first_profile + num_profile_steps
+    self._tracing = False
 
   def __call__(self, step: int) -> None:
     if step == self._start:
       jax.profiler.start_trace(self._logdir)
+      self._tracing = True
       logging.info("Profiling steps %d to %d into %s.", self._start, self._stop, self._logdir)
     elif step == self._stop:
+      self.close()
+
+  def close(self) -> None:
+    if self._tracing:
       jax.profiler.stop_trace()
-
-
-def Profile(*, logdir, num_profile_steps: int, first_profile: int):  # noqa: N802
-  """A hook, called with each completed step, that traces num_profile_steps steps."""
-  if HAVE_CLU:
-    return _clu_actions.Profile(logdir=logdir, num_profile_steps=num_profile_steps,
-                                first_profile=first_profile)
-  return _Profile(logdir, num_profile_steps, first_profile)
+      self._tracing = False

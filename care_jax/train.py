@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from care_jax import checkpointing, metric_writers, parallel
+from care_jax import checkpointing, errors, metric_writers, parallel
 from care_jax.data import input_pipeline
 from care_jax.evaluation import monitor as monitor_lib
 from care_jax.preemption import Preempted, Preemption
@@ -28,6 +28,7 @@ def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples, config.global_batch_size)
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
+  errors.check_positive(config.num_epochs, "num_epochs")
   return steps_per_epoch, int(config.num_epochs * steps_per_epoch)
 
 
@@ -36,6 +37,8 @@ def pretrain(config, workdir: str) -> dict:
 
   Raises Preempted after saving, when SIGTERM stopped the run before its last step.
   """
+  preemption = Preemption()  # a SIGTERM during the setup stops the run at its first step
+  errors.check_positive(config.log_every_steps, "log_every_steps")
   checkpointing.check_workdir(workdir)
   info = input_pipeline.dataset_info(config.data)
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
@@ -61,7 +64,6 @@ def pretrain(config, workdir: str) -> dict:
     mgr.close()  # an open manager's threads would fail noisily at exit
     raise
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if state is not None:
     logging.info("Resumed from step %d of %d.", int(state.step), total_steps)
   else:
@@ -74,16 +76,18 @@ def pretrain(config, workdir: str) -> dict:
     mgr.close()
     return {} if monitor is None else monitor.evaluate(state)
 
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   batches = input_pipeline.pretrain_batches(
       config.data, global_batch_size=config.global_batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
   train_step = setup.jitted_step(mesh)
   hooks = [Progress(start_step, total_steps, writer)]
+  profile = None
   if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(metric_writers.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                        first_profile=start_step + config.log_every_steps))
-  preemption = Preemption()
+    profile = metric_writers.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                     first_profile=start_step + config.log_every_steps)
+    hooks.append(profile)
   period = _Period(start_step)
   metrics = {}
   try:
@@ -118,10 +122,12 @@ def pretrain(config, workdir: str) -> dict:
         mgr.wait_until_finished()
         raise Preempted(done)
   finally:
+    if profile is not None:
+      profile.close()  # a run stopped inside the profiled steps still ends its trace
     batches.close()
     mgr.wait_until_finished()
     mgr.close()
-    writer.flush()
+    writer.close()
   return metrics
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -14,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from care_jax import checkpointing, cli, convert, train
+from care_jax import checkpointing, cli, convert, errors, train
 from care_jax.data import input_pipeline
 from care_jax.errors import UserError
 from care_jax.evaluation import finetune, linear
-from care_jax.preemption import EXIT_STATUS
+from care_jax.preemption import EXIT_STATUS, Preempted
 from tests.conftest import ROOT, load_config, tiny_run_args
 from tests.test_data_bad_input import folder_with, pretrain as pretrain_batches
 from tests.test_trainer import final_state
@@ -66,6 +67,25 @@ def test_a_global_batch_below_one_is_refused_naming_its_field(tmp_path, image_fo
   with pytest.raises(UserError, match=rf"^finetune.global_batch_size must be at least 1, "
                                       rf"got {size}"):
     finetune.finetune(config, str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("field, value", [("log_every_steps", 0), ("num_epochs", 0),
+                                          ("num_epochs", -1)])
+def test_a_period_or_length_below_one_is_refused_before_any_work(tmp_path, image_folder,
+                                                                 field, value):
+  config = folder_config(image_folder, num_train_steps=0, **{field: value})
+  with pytest.raises(UserError, match=rf"^{field} must be positive, got {value}; set "
+                                      rf"--config.{field} to a number above 0.$"):
+    train.pretrain(config, str(tmp_path / "p"))
+  assert not (tmp_path / "p" / "checkpoints").exists()
+
+
+def test_check_positive_refuses_zero_negative_and_nan():
+  for value in (1, 0.01):
+    errors.check_positive(value, "finetune.num_epochs")
+  for value in (0, -3, float("nan")):
+    with pytest.raises(UserError, match=r"^linear_eval.eval_every_epochs must be positive"):
+      errors.check_positive(value, "linear_eval.eval_every_epochs")
 
 
 def test_batch_check_keeps_the_upper_bound():
@@ -223,6 +243,27 @@ def test_after_a_failed_restore_only_event_loop_closed_reports_are_dropped(monke
   for error in others:
     report(error)
   assert [u.exc_value for u in seen] == others
+
+
+def test_a_sigterm_during_the_restore_stops_the_run_at_its_first_step(
+    tmp_path, image_folder, pretrained_workdir, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(pretrained_workdir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")  # resumes from 2: two steps to go
+  restore = checkpointing.resume
+
+  def preempted_while_restoring(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this process
+    return restore(*args)
+
+  monkeypatch.setattr(checkpointing, "resume", preempted_while_restoring)
+  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  try:
+    with pytest.raises(Preempted, match="checkpoint of step 3;"):
+      train.pretrain(without_monitor(folder_config(image_folder)), str(workdir))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3"]
 
 
 def test_the_command_line_resumes_past_a_damaged_checkpoint_without_tracebacks(

@@ -146,3 +146,22 @@ def test_resume_check_allows_only_bookkeeping_changes(tmp_path):
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"global_batch_size: 8 -> 16; model.t_stream.heads: 2 -> 1"):
     checkpointing.check_same_run(tmp_path, config)
+
+
+def test_profile_traces_its_window_and_close_ends_a_trace_left_running(tmp_path, monkeypatch):
+  from care_jax import metric_writers
+  calls = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda logdir: calls.append(("start", logdir)))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append(("stop",)))
+  whole = metric_writers.Profile(logdir=tmp_path, num_profile_steps=2, first_profile=3)
+  for step in range(1, 8):
+    whole(step)
+  whole.close()  # nothing left running
+  assert calls == [("start", str(tmp_path)), ("stop",)]
+  calls.clear()
+  preempted = metric_writers.Profile(logdir=tmp_path, num_profile_steps=5, first_profile=2)
+  for step in range(1, 4):  # stopped at step 3, inside the window
+    preempted(step)
+  preempted.close()
+  preempted.close()
+  assert calls == [("start", str(tmp_path)), ("stop",)]
