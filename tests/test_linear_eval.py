@@ -168,3 +168,15 @@ def test_resuming_after_the_pretraining_saved_a_newer_checkpoint_is_refused(
                            r"now read checkpoint 5 of .*pretrain. Pass a new --workdir"):
     linear.evaluate(config, str(tmp_path / "eval"))
   assert json.loads((tmp_path / "eval" / "results.json").read_text()) == first
+
+
+@pytest.mark.parametrize("field", ["num_epochs", "eval_every_epochs"])
+def test_epoch_counts_below_one_are_refused_before_any_work(tmp_path, image_folder, field):
+  from care_jax.evaluation import finetune
+  config = eval_config(image_folder, encoder="raw_pixels", **{field: 0})
+  with pytest.raises(UserError, match=rf"^linear_eval.{field} must be positive, got 0"):
+    linear.evaluate(config, str(tmp_path / "linear"))
+  config.finetune.update(encoder="random_init", **{field: 0})
+  with pytest.raises(UserError, match=rf"^finetune.{field} must be positive, got 0"):
+    finetune.finetune(config, str(tmp_path / "finetune"))
+  assert not (tmp_path / "linear" / "config.json").exists()

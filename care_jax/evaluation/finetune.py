@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import checkpointing, parallel, pretrained
+from care_jax import checkpointing, errors, parallel, pretrained
 from care_jax.data import augment, input_pipeline, sources
-from care_jax.errors import UserError
 from care_jax.evaluation import features, supervised
 from care_jax.training import state as state_lib
 
@@ -47,7 +46,7 @@ def labelled_data(config):
   """(train data config, indices of the labelled examples or None for all of them)."""
   ft, data = config.finetune, config.data.copy_and_resolve_references()
   if ft.labels not in LABELS:
-    raise UserError(f"finetune.labels must be one of {sorted(LABELS)}, got {ft.labels!r}.")
+    raise errors.UserError(f"finetune.labels must be one of {sorted(LABELS)}, got {ft.labels!r}.")
   if ft.labels == "all":
     return data, None
   if data.name == "imagenet2012":
@@ -72,8 +71,10 @@ def finetune(config, workdir: str) -> dict:
   ft = config.finetune
   checkpointing.check_workdir(workdir)
   supervised.check_encoder(ft, "finetune", ENCODERS)
+  errors.check_positive(ft.num_epochs, "finetune.num_epochs")
+  errors.check_positive(ft.eval_every_epochs, "finetune.eval_every_epochs")
   if config.precision not in ("float32", "bfloat16"):
-    raise UserError(f"Fine-tuning runs in float32 or bfloat16, not {config.precision!r}; "
+    raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not {config.precision!r}; "
                     "set --config.precision.")
   mesh = parallel.create_mesh()
   parallel.check_batch_size(ft.global_batch_size, mesh)

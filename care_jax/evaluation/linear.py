@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from care_jax import checkpointing, parallel, pretrained
+from care_jax import checkpointing, errors, parallel, pretrained
 from care_jax.data import augment, input_pipeline
 from care_jax.evaluation import features, supervised
 
@@ -61,6 +61,8 @@ def evaluate(config, workdir: str) -> dict:
   # Everything that can be checked is checked before any work.
   checkpointing.check_workdir(workdir)
   supervised.check_encoder(lin, "linear_eval", ENCODERS)
+  errors.check_positive(lin.num_epochs, "linear_eval.num_epochs")
+  errors.check_positive(lin.eval_every_epochs, "linear_eval.eval_every_epochs")
   mesh = parallel.create_mesh()
   parallel.check_batch_size(lin.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
