@@ -14,6 +14,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -116,32 +117,42 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def restore_items(mgr: ocp.CheckpointManager, step: int, **items):
   """mgr.restore of the named items (orbax restore args), errors as CheckpointError."""
+  _drop_abandoned_read_reports()
   try:
     return mgr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for unreadable or mismatched files
-    _drop_event_loop_closed_reports()
     raise CheckpointError(
         f"Cannot restore checkpoint {step} from {mgr.directory}: {_reason(e)}. If it was "
         "written by another config or an interrupted copy, move it away and resume from an "
         "earlier one.") from None
 
 
-def _drop_event_loop_closed_reports() -> None:
-  """After a failed restore, the reads orbax still had in flight complete on the event loop
-  it has closed, and each reports RuntimeError('Event loop is closed') as an unraisable
-  exception: dozens of tracebacks, even at exit, that say nothing about the run. From now
-  on this process drops those reports; every other one still goes to the previous hook."""
+def _drop_abandoned_read_reports() -> None:
+  """Called before a restore. When one fails, the reads orbax still had in flight end
+  later (some before the error reaches us), each reporting its error: as an unraisable
+  exception, RuntimeError('Event loop is closed') when it completes on the event loop orbax
+  has closed, or orbax's 'Encountered error while reading array index' caused by
+  GeneratorExit when the garbage collector closes it; or through asyncio's logger, '...
+  exception was never retrieved' with TensorStore's error. Dozens of tracebacks, even at
+  exit, that say nothing about the run: from now on this process drops those reports;
+  every other one still goes where it went. Installed once."""
   previous = sys.unraisablehook
-  if getattr(previous, "drops_event_loop_closed", False):
+  if getattr(previous, "drops_abandoned_reads", False):
     return
 
   def hook(unraisable):
     error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    collected = (isinstance(error.__cause__, GeneratorExit)
+                 and str(error).startswith("Encountered error while reading array index"))
+    if not (closed_loop or collected):
       previous(unraisable)
 
-  hook.drops_event_loop_closed = True
+  hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not ("exception was never retrieved" in record.getMessage()
+                          and "tensorstore" in record.getMessage().lower()))
 
 
 def _reason(error: Exception) -> str:
@@ -188,35 +199,72 @@ def resume(mgr: ocp.CheckpointManager, abstract_state):
   """The TrainState of the newest checkpoint that restores, or None if there is none.
 
   A checkpoint damaged after orbax completed it (a truncated array file, a lost manifest)
-  must not end a run whose older checkpoints are intact: newer ones that fail to restore
-  are renamed to `STEP.damaged-TIME` (outside orbax's step names; nothing is deleted) and
-  the run resumes from the newest that restores. When none restores, nothing is moved: the
-  cause is then more likely the config or the code than the files.
+  must not end a run whose older checkpoints are intact: newer ones whose files are
+  damaged (_damaged) are renamed to `STEP.damaged-TIME` (outside orbax's step names;
+  nothing is deleted) and the run resumes from the newest that restores. Any other failure
+  (another config or version, an I/O fault) moves nothing and ends the run; so does damage
+  in every checkpoint, whose cause is then more likely the code than the files. All
+  processes decide alike, on every process's outcome: one that moved on alone to an older
+  step would wait for the others forever.
   """
-  failures = []
+  damaged = []
+  _drop_abandoned_read_reports()
   for step in sorted(mgr.all_steps(), reverse=True):
     try:
       state = _state_of(mgr.restore(step, args=ocp.args.Composite(
           **_state_items(abstract_state))))
+      outcome, reason = _RESTORED, "another process could not restore it"
     except Exception as e:  # orbax raises many types for unreadable or mismatched files
-      _drop_event_loop_closed_reports()
-      failures.append((step, _reason(e)))
+      # Not kept past this block: its traceback holds orbax's unfinished reads.
+      outcome, reason = (_DAMAGED if _damaged(e) else _FAILED), _reason(e)
+    worst = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+    if worst == _FAILED:
+      raise CheckpointError(
+          f"Cannot restore checkpoint {step} from {mgr.directory} ({reason}); its files do "
+          "not look damaged, so nothing was moved. If the config or care_jax changed since "
+          "it was written, rerun with the settings and version that wrote it, or pass a new "
+          "--workdir; after a filesystem fault, rerun when it is back.")
+    if worst == _DAMAGED:
+      damaged.append((step, reason))
       continue
-    for damaged, reason in failures:
-      moved = _move_aside(mgr, damaged)
-      logging.warning("Checkpoint %d cannot be restored (%s); moved it to %s.", damaged,
-                      reason, moved)
-    if failures:
+    for bad, why in damaged:
+      moved = _move_aside(mgr, bad)
+      logging.warning("Checkpoint %d cannot be restored (%s); moved it to %s.", bad, why, moved)
+    if damaged:
       mgr.reload()
       logging.warning("Resuming from checkpoint %d, the newest that restores.", step)
     return state
-  if failures:
-    step, reason = failures[0]
+  if damaged:
+    step, reason = damaged[0]
     raise CheckpointError(
         f"No checkpoint in {mgr.directory} restores (the latest, {step}: {reason}). If the "
         "config or care_jax changed since they were written, rerun with the settings and "
         "version that wrote them, or pass a new --workdir.")
   return None
+
+
+_RESTORED, _DAMAGED, _FAILED = 0, 1, 2  # ordered: the worst outcome of any process decides
+# TensorStore's status codes for files that are missing, short or undecodable.
+_DAMAGE_CODES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILED_PRECONDITION:")
+
+
+def _damaged(error: BaseException) -> bool:
+  """Whether a restore failed on the checkpoint's files themselves: an array or manifest
+  missing (NOT_FOUND), truncated (OUT_OF_RANGE), undecodable (DATA_LOSS, or
+  FAILED_PRECONDITION from the decompressor), an item's directory gone, or a metadata
+  file cut short. A tree that does not match (another config) and I/O faults that may pass
+  (UNAVAILABLE, DEADLINE_EXCEEDED, an OSError other than a missing file) are not damage.
+  Orbax wraps TensorStore's error, so the whole chain is read."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    if (isinstance(error, (FileNotFoundError, json.JSONDecodeError))
+        or text.startswith(_DAMAGE_CODES)
+        or (isinstance(error, KeyError) and "was not found in the checkpoint" in text)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _move_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:

@@ -2,6 +2,8 @@
 documented behaviour (a preempted run's exit status, a damaged checkpoint moved aside, a
 progress line about this process's own steps), and care_jax installs and runs from any
 directory."""
+import errno
+import json
 import logging
 import os
 import pathlib
@@ -20,6 +22,7 @@ from care_jax.data import input_pipeline
 from care_jax.errors import UserError
 from care_jax.evaluation import finetune, linear
 from care_jax.preemption import EXIT_STATUS, Preempted
+from care_jax.training import pretraining
 from tests.conftest import ROOT, load_config, tiny_run_args
 from tests.test_data_bad_input import folder_with, pretrain as pretrain_batches
 from tests.test_trainer import final_state
@@ -231,18 +234,93 @@ def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path, image_folder,
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
 
 
-def test_after_a_failed_restore_only_event_loop_closed_reports_are_dropped(monkeypatch):
+def test_only_missing_short_or_undecodable_files_count_as_damage():
+  def wrapped(cause):  # as orbax raises TensorStore's errors
+    try:
+      raise cause
+    except Exception as e:
+      try:
+        raise Exception("Encountered error while reading array index") from e
+      except Exception as outer:
+        return outer
+
+  damage = [wrapped(ValueError('OUT_OF_RANGE: Error reading "opt_state..." in OCDBT database')),
+            ValueError('NOT_FOUND: Error opening "cast" driver: Metadata at "step/.zarray"'),
+            ValueError('DATA_LOSS: Error opening "cast" driver: Error decoding manifest'),
+            wrapped(ValueError("FAILED_PRECONDITION: Error reading: ZSTD_decompressStream()")),
+            KeyError('Item "state" was not found in the checkpoint.'),
+            json.JSONDecodeError("Unterminated string", "{", 1)]
+  other = [ValueError("Requested shape: (4,) is not compatible with the stored shape: (8,)."),
+           ValueError("User-provided restore item and on-disk value metadata tree structures "
+                      "do not match"),
+           wrapped(ValueError("UNAVAILABLE: Error reading: connection reset")),
+           wrapped(OSError(errno.EIO, "Input/output error")), KeyError("state")]
+  assert [checkpointing._damaged(e) for e in damage] == [True] * len(damage)
+  assert [checkpointing._damaged(e) for e in other] == [False] * len(other)
+
+
+@pytest.mark.parametrize("other_process", ["damaged", "failed"])
+def test_every_process_resumes_from_the_same_checkpoint(tmp_path, pretrained_workdir,
+                                                       monkeypatch, other_process):
+  """Checkpoint 4 restores here, but another process reports it damaged (all move on to
+  checkpoint 2) or failing for another reason (all stop, nothing moved)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(pretrained_workdir, workdir)
+  theirs = {"damaged": checkpointing._DAMAGED, "failed": checkpointing._FAILED}[other_process]
+  outcomes = {4: theirs, 2: checkpointing._RESTORED}
+  gathered = []
+
+  def allgather(mine):
+    step = sorted(outcomes)[-1 - len(gathered)]  # steps are tried newest first
+    gathered.append((step, int(mine)))
+    return np.asarray([mine, outcomes[step]])
+
+  monkeypatch.setattr(checkpointing.multihost_utils, "process_allgather", allgather)
+  setup = pretraining.build(load_config("tiny"), steps_per_epoch=1, total_steps=1)
+  with checkpointing.manager(workdir) as mgr:
+    if other_process == "damaged":
+      assert int(checkpointing.resume(mgr, setup.abstract_state()).step) == 2
+      assert gathered == [(4, checkpointing._RESTORED), (2, checkpointing._RESTORED)]
+      assert mgr.all_steps() == [1, 2]
+    else:
+      with pytest.raises(checkpointing.CheckpointError,
+                         match=r"^Cannot restore checkpoint 4 from \S+ \(another process could "
+                               r"not restore it\); its files do not look damaged, so nothing"):
+        checkpointing.resume(mgr, setup.abstract_state())
+  moved = list((workdir / "checkpoints").glob("4.damaged-*"))
+  assert len(moved) == (other_process == "damaged")
+
+
+def test_after_a_failed_restore_only_the_abandoned_reads_reports_are_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpointing._drop_event_loop_closed_reports()
-  checkpointing._drop_event_loop_closed_reports()  # installed once
+  asyncio_filters = logging.getLogger("asyncio").filters
+  monkeypatch.setattr(logging.getLogger("asyncio"), "filters", list(asyncio_filters))
+  checkpointing._drop_abandoned_read_reports()
+  checkpointing._drop_abandoned_read_reports()  # installed once
   report = lambda error: sys.unraisablehook(
       type("Unraisable", (), {"exc_value": error})())
+
+  def read_error(cause):  # as orbax's read of a shard raises when it is interrupted
+    error = Exception("Encountered error while reading array index: (slice(0, 3, 1),).")
+    error.__cause__ = cause
+    return error
+
   report(RuntimeError("Event loop is closed"))
-  others = [RuntimeError("something else"), ValueError("Event loop is closed")]
+  report(read_error(GeneratorExit()))
+  others = [RuntimeError("something else"), ValueError("Event loop is closed"),
+            read_error(ValueError("OUT_OF_RANGE: Error reading"))]
   for error in others:
     report(error)
   assert [u.exc_value for u in seen] == others
+
+  asyncio_logger = logging.getLogger("asyncio")
+  record = lambda msg: logging.LogRecord("asyncio", logging.ERROR, "", 0, msg, (), None)
+  assert not asyncio_logger.filter(record(
+      "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+      "'NOT_FOUND: Error opening \"cast\" driver [tensorstore_spec[1]=...')>"))
+  assert asyncio_logger.filter(record("Task exception was never retrieved\nfuture: <Task "
+                                      "finished exception=KeyError('x')>"))
 
 
 def test_a_sigterm_during_the_restore_stops_the_run_at_its_first_step(
