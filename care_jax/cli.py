@@ -9,6 +9,7 @@ the commands work from any directory.
 import importlib.util
 import logging
 import pathlib
+import sys
 import textwrap
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent
@@ -16,6 +17,13 @@ CONFIG_DIR = next((d for d in (_PACKAGE.parent / "configs", _PACKAGE / "configs"
                    if (d / "care.py").is_file()), _PACKAGE.parent / "configs")
 CONFIG_FILE = CONFIG_DIR / "care.py"
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+def fail(message) -> None:
+  """A setting or file to fix (errors.UserError): one line on stderr and exit status 2,
+  as every command-line program ends one."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def configure_logging():

@@ -242,8 +242,7 @@ def main(argv):
   try:
     run_demo(pathlib.Path(f.workdir), f.preset, f.set, f.pretrain_steps, f.max_pretrain_seconds)
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
 
 
 if __name__ == "__main__":

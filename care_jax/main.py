@@ -74,12 +74,6 @@ def _print_help(argv):
   sys.exit(0)
 
 
-def _fail(message: str):
-  """A setting to fix: one line on stderr and exit status 2, as `main` ends a UserError."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def parse_flags(argv):
   """absl's parsing, with config mistakes reported as one line (exit status 2) instead of a
   traceback, and the --config file found from any directory (cli.resolve_config_path)."""
@@ -94,13 +88,14 @@ def parse_flags(argv):
     try:
       fields = sorted(_flat_fields(_config_from_argv(argv)))
     except Exception:  # the config itself cannot be built; the reason says why
-      _fail(reason)
+      cli.fail(reason)
     unknown = [arg.split("=")[0][len("--config."):] for arg in argv[1:]
                if arg.startswith("--config.")
                and arg.split("=")[0][len("--config."):] not in fields]
     if unknown:
-      _fail(f"unknown config field(s) {', '.join(unknown)}. Valid fields: {', '.join(fields)}")
-    _fail(reason)
+      cli.fail(f"unknown config field(s) {', '.join(unknown)}. Valid fields: "
+               f"{', '.join(fields)}")
+    cli.fail(reason)
 
 
 def main(argv):
@@ -112,7 +107,7 @@ def main(argv):
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
-    _fail(str(e))
+    cli.fail(e)
   except preemption.Preempted as e:
     preemption.write_marker(_WORKDIR.value, str(e))
     logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)

@@ -9,6 +9,10 @@ Epochs come from the 'epoch' scalar the trainer logs beside the step.
 """
 import argparse
 import json
+import pathlib
+
+from care_jax import cli
+from care_jax.errors import UserError
 
 _CURVES = {"knn_top1": "kNN top-1", "online_probe_top1": "online probe top-1"}
 _BASELINES = {"linear_top1": "linear probe, pretrained",
@@ -17,14 +21,29 @@ _BASELINES = {"linear_top1": "linear probe, pretrained",
 
 
 def read_scalars(workdir: str) -> dict:
-  """{tag: [(step, value), ...]} of every scalar in the workdir's event files."""
+  """{tag: [(step, value), ...]} of every scalar in the workdir's event files, by step."""
   from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
   from tensorboard.util import tensor_util  # noqa: PLC0415
   events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
   events.Reload()
-  return {tag: sorted((e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-                      for e in events.Tensors(tag))
+  return {tag: _without_orphans(
+              (e.wall_time, e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+              for e in events.Tensors(tag))
           for tag in events.Tags()["tensors"]}
+
+
+def _without_orphans(points) -> list:
+  """[(step, value), ...] of (wall time, step, value) points, one per step. A run resumed
+  from an earlier checkpoint than its last logged step (killed after step 150, resumed
+  from 100) logs the steps after the checkpoint again: in the order they were written, a
+  point replaces every earlier one at its step or later, as TensorBoard's purge of
+  orphaned data does, so the curve is the resumed run's."""
+  kept = []
+  for _, step, value in sorted(points, key=lambda p: p[0]):  # stable: file order on ties
+    while kept and kept[-1][0] >= step:
+      kept.pop()
+    kept.append((step, value))
+  return kept
 
 
 def steps_per_epoch(scalars: dict):
@@ -73,14 +92,33 @@ def main(argv=None) -> None:
   parser.add_argument("--results", default=None, help="the demo's results.json (optional)")
   parser.add_argument("--title", default=None)
   args = parser.parse_args(argv)
+  try:
+    _plot(args)
+  except UserError as e:
+    cli.fail(e)
+
+
+def _results(path) -> dict:
+  """The linear-probe baselines of a results.json."""
+  try:
+    results = json.loads(pathlib.Path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f"Cannot read --results {path} ({getattr(e, 'strerror', None) or e}); "
+                    "pass the demo's results.json or leave --results out.") from None
+  return {k: v for k, v in results.items() if k in _BASELINES}
+
+
+def _plot(args) -> None:
+  if not pathlib.Path(args.workdir).is_dir():
+    raise UserError(f"--workdir {args.workdir} is not a directory; pass a pretraining run's "
+                    "workdir.")
+  if not pathlib.Path(args.out).absolute().parent.is_dir():
+    raise UserError(f"--out {args.out}: its folder does not exist.")
+  baselines = _results(args.results) if args.results else {}
   curve = learning_curve(read_scalars(args.workdir))
   if not any(tag in curve for tag in _CURVES):
-    raise SystemExit(f"No kNN or online-probe scalars in {args.workdir}: was the run's "
-                     "config.monitor.every_steps > 0, on labelled data?")
-  baselines = {}
-  if args.results:
-    with open(args.results) as f:
-      baselines = {k: v for k, v in json.load(f).items() if k in _BASELINES}
+    raise UserError(f"No kNN or online-probe scalars in {args.workdir}: was the run's "
+                    "config.monitor.every_steps > 0, on labelled data?")
   draw(curve, baselines, args.out, args.title or f"CARE pretraining: {args.workdir}")
   print(json.dumps({"out": args.out, **curve, **baselines}))
 

@@ -19,13 +19,15 @@ baseline to compare a trained one with.
 """
 import argparse
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from care_jax import checkpointing, pretrained
+from care_jax import checkpointing, cli, pretrained
 from care_jax.data import augment, input_pipeline
+from care_jax.errors import UserError
 
 
 def load_network(workdir: str, encoder: str):
@@ -36,12 +38,16 @@ def load_network(workdir: str, encoder: str):
   elif encoder == "random_init":
     network, variables = pretrained.random_init(config, config.data.image_size)
   else:
-    raise SystemExit(f"--encoder must be 'pretrained' or 'random_init', got {encoder!r}.")
+    raise UserError(f"--encoder must be 'pretrained' or 'random_init', got {encoder!r}.")
   return config, network, variables
 
 
 def eval_images(data_config, indices) -> np.ndarray:
   """uint8 [n, S, S, 3] centre views of the eval split's examples at `indices`."""
+  size = input_pipeline.dataset_info(data_config).num_eval_examples
+  if not all(0 <= i < size for i in indices):
+    raise UserError(f"--images must be indices below {size}, the size of the "
+                    f"{data_config.eval_split} split; got {','.join(map(str, indices))}.")
   batch = next(input_pipeline.centre_view_batches(
       data_config, data_config.eval_split, global_batch_size=len(indices), indices=indices))
   return batch["image"]
@@ -58,7 +64,7 @@ def stream_maps(network, variables, images: np.ndarray, block: int = 0):
     intermediates = state["intermediates"]
     blocks = intermediates["t_stream"]
     if f"block{block}" not in blocks:
-      raise SystemExit(f"--block must be below {len(blocks)}, got {block}.")
+      raise UserError(f"--block must be from 0 to {len(blocks) - 1}, got {block}.")
     attention, = blocks[f"block{block}"]["attention"]["weights"]
     (_, layer4), = intermediates["trunk"]["__call__"]
     kernel = variables["params"]["c_projector"]["dense1"]["kernel"]
@@ -73,11 +79,28 @@ def query_maps(attention: np.ndarray, query: str) -> np.ndarray:
   """[n, heads, h, w] attention over keys of one query 'ROW,COL', or of all ('mean')."""
   if query == "mean":
     return attention.mean(axis=(2, 3))
-  row, col = (int(v) for v in query.split(","))
+  row, col = _query_position(query)
   h, w = attention.shape[2:4]
   if not (0 <= row < h and 0 <= col < w):
-    raise SystemExit(f"--query {query} is outside the block's {h}x{w} grid.")
+    raise UserError(f"--query {query} is outside the block's {h}x{w} grid.")
   return attention[:, :, row, col]
+
+
+def _query_position(query: str) -> tuple[int, int]:
+  try:
+    row, col = (int(v) for v in query.split(","))
+  except ValueError:
+    raise UserError(f"--query must be 'mean' or a position ROW,COL such as 0,3; got "
+                    f"{query!r}.") from None
+  return row, col
+
+
+def _indices(images: str) -> list:
+  try:
+    return [int(i) for i in images.split(",")]
+  except ValueError:
+    raise UserError(f"--images must be comma-separated indices such as 0,1,2; got "
+                    f"{images!r}.") from None
 
 
 def _upsampled(maps: np.ndarray, size: int) -> np.ndarray:
@@ -132,13 +155,24 @@ def main(argv=None) -> None:
   parser.add_argument("--images", default="0,1,2,3,4,5",
                       help="comma-separated indices into the dataset's eval split")
   parser.add_argument("--out", required=True, help="the PNG to write")
-  parser.add_argument("--encoder", default="pretrained", help="pretrained or random_init")
+  parser.add_argument("--encoder", default="pretrained", choices=["pretrained", "random_init"])
   parser.add_argument("--block", type=int, default=0, help="T-stream block (0: the first)")
   parser.add_argument("--query", default="mean", help="'mean' or a query position ROW,COL")
   args = parser.parse_args(argv)
+  try:
+    _visualize(args)
+  except UserError as e:  # a workdir, dataset or argument to fix; CheckpointError too
+    cli.fail(e)
+
+
+def _visualize(args) -> None:
+  indices = _indices(args.images)  # the arguments' forms first, before anything is loaded
+  if args.query != "mean":
+    _query_position(args.query)
+  if not pathlib.Path(args.out).absolute().parent.is_dir():
+    raise UserError(f"--out {args.out}: its folder does not exist.")
   config, network, variables = load_network(args.workdir, args.encoder)
-  indices = np.asarray([int(i) for i in args.images.split(",")], np.int64)
-  images = eval_images(config.data, indices)
+  images = eval_images(config.data, np.asarray(indices, np.int64))
   attention, c_maps = stream_maps(network, variables, images, args.block)
   t_maps = query_maps(attention, args.query)
   grid = "x".join(str(d) for d in attention.shape[2:4])
