@@ -12,7 +12,7 @@ setup: $(VENV)/.installed $(FMNIST)
 # versions CI last passed with (torch as its CPU build), so a fresh machine gets those.
 # care_jax itself is installed editable: `import care_jax` and `python -m care_jax.main`
 # work from any directory.
-$(VENV)/.installed: requirements.txt requirements-interop.txt constraints.txt pyproject.toml
+$(VENV)/.installed: $(wildcard requirements*.txt) constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools -c constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt -c constraints.txt

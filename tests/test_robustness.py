@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -147,6 +148,20 @@ def test_the_wheel_holds_every_module_and_the_configs(tmp_path):
   modules = {str(p.relative_to(ROOT)) for p in (ROOT / "care_jax").rglob("*.py")}
   assert modules <= names, modules - names
   assert {"care_jax/configs/care.py", "care_jax/configs/__init__.py"} <= names
+  # The trainer's own dependencies, and the rest as extras: data (tfds, clu), test, interop.
+  metadata = zipfile.ZipFile(wheel).read("care_jax-0.1.0.dist-info/METADATA").decode()
+  groups = {}
+  for line in metadata.splitlines():
+    if line.startswith("Requires-Dist: "):
+      requirement = line.split(": ", 1)[1]
+      extra = requirement.split('extra == "')[1][:-1] if "extra ==" in requirement else "core"
+      groups.setdefault(extra, set()).add(re.match(r"[\w.-]+", requirement).group())
+  core = groups.pop("core")
+  assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorboard", "matplotlib"} <= core
+  assert groups == {
+      "data": {"tensorflow-cpu", "tensorflow-datasets", "importlib-resources", "clu"},
+      "test": {"pytest", "pytest-xdist"}, "interop": {"torch"}}
+  assert not core & set().union(*groups.values())
 
   site = tmp_path / "site"
   zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages
