@@ -44,6 +44,7 @@ def checkpoint(params, stats):
 def options(model_config, weights: str):
   """{Detectron2 config key: value} that make Detectron2 build and feed this trunk."""
   block, _ = ARCHITECTURES[model_config.arch]
+  expansion = 4 if block == "bottleneck" else 1
   return {
       "MODEL.WEIGHTS": weights,
       "MODEL.PIXEL_MEAN": list(IMAGENET_MEAN_255),
@@ -54,7 +55,7 @@ def options(model_config, weights: str):
       "MODEL.RESNETS.NUM_GROUPS": 1,
       "MODEL.RESNETS.WIDTH_PER_GROUP": model_config.channels * model_config.width,
       "MODEL.RESNETS.STEM_OUT_CHANNELS": model_config.channels,
-      "MODEL.RESNETS.RES2_OUT_CHANNELS": model_config.channels * (4 if block == "bottleneck" else 1),
+      "MODEL.RESNETS.RES2_OUT_CHANNELS": model_config.channels * expansion,
   }
 
 
