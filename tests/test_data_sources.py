@@ -23,9 +23,9 @@ def data_config(**fields):
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-  """Prepared on first use from Debian's files into an empty data_dir (~30 s)."""
-  return data_config(data_dir=str(tmp_path_factory.mktemp("tfds")))
+def fmnist(fmnist_data_dir):
+  """The test run's data_dir, which its first user prepared from Debian's files (~30 s)."""
+  return data_config(data_dir=fmnist_data_dir)
 
 
 def test_fashion_mnist_is_prepared_from_debian_files_and_read(fmnist):

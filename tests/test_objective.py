@@ -36,7 +36,7 @@ def test_loss_matches_a_hand_computation():
 @pytest.fixture(scope="module")
 def gradients():
   """d(term)/d(online params) and d(loss)/d(target params) on the tiny network."""
-  from tests.conftest import load_config
+  from tests.conftest import load_config, quick_jit
   config = load_config("tiny")
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
   state = setup.init_state(jax.random.key(0))
@@ -46,7 +46,6 @@ def gradients():
                                 online_net=setup.online_net, target_net=setup.target_net,
                                 cross_weight=1.0)
 
-  @jax.jit
   def grads(online, target):
     term = lambda name: lambda p: objective(p, target)[1][0][name]
     return ({name: jax.grad(term(name))(online)
@@ -55,7 +54,7 @@ def gradients():
 
   # Perturb the target so that it differs from the online network, as after some training.
   target = jax.tree.map(lambda p: p * 1.1, state.target_params)
-  return grads(state.online_params, target)
+  return quick_jit(grads, state.online_params, target)
 
 
 def norm(tree):
