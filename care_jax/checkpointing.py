@@ -47,7 +47,8 @@ def check_workdir(workdir) -> None:
 def manager(workdir, *, keep: int = 3, save_every: int = 1, read_only: bool = False):
   """Items: 'state' (the TrainState, or an evaluation's state), 'online_probe' (the
   pretraining's online probe, kept apart so that readers of the networks need not know
-  its shape) and 'history' (an evaluation's results so far, JSON)."""
+  its shape) and 'progress' (an evaluation's results so far and the encoder it reads,
+  JSON)."""
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=0 if read_only else save_every, read_only=read_only,
       create=not read_only,

@@ -74,8 +74,8 @@ def finetune(config, workdir: str) -> dict:
   errors.check_positive(ft.num_epochs, "finetune.num_epochs")
   errors.check_positive(ft.eval_every_epochs, "finetune.eval_every_epochs")
   if config.precision not in ("float32", "bfloat16"):
-    raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not {config.precision!r}; "
-                    "set --config.precision.")
+    raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not "
+                           f"{config.precision!r}; set --config.precision.")
   mesh = parallel.create_mesh()
   parallel.check_batch_size(ft.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
