@@ -124,13 +124,14 @@ def test_label_free_data_trains_without_probe_and_says_so_once(tmp_path, caplog)
   assert checkpointing.load_config(tmp_path / "run").monitor.online_probe
 
 
-def test_monitors_on_fashion_mnist_write_accuracies_to_tensorboard(tmp_path, fmnist_data_dir):
+def test_demo_preset_writes_knn_and_probe_accuracy_to_tensorboard(tmp_path, fmnist_data_dir):
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
   from care_jax import train
-  config = load_config("tiny")  # on the real Fashion-MNIST, all 10,000 test images
+  config = load_config("fmnist_demo")
   config.data.data_dir = fmnist_data_dir
-  config.update(num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
+  config.update(num_train_steps=2, global_batch_size=32, log_every_steps=1,
+                checkpoint_every_steps=2)
   config.monitor.update(every_steps=1, knn_bank_size=2000)  # after steps 1 and 2
   metrics = train.pretrain(config, str(tmp_path))
   events = event_accumulator.EventAccumulator(str(tmp_path))
