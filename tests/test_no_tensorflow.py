@@ -42,12 +42,16 @@ def test_event_writer_without_clu_reads_back_like_clus(tmp_path, monkeypatch):
 
 
 def test_gpu_preset_pretrains_without_tensorflow_tfds_or_clu(tmp_path):
-  """A few steps of the fmnist_gpu preset (batch shrunk), as the GPU machine runs it."""
+  """A few steps of the fmnist_gpu preset as the GPU machine runs it (its data path,
+  bfloat16, LARS, the monitors), with the batch and the network shrunk to compile fast."""
   write_flat_fashion_mnist(tmp_path, num_train=64, num_test=16)
   workdir = tmp_path / "run"
+  small_network = {"channels": 4, "hidden_dim": 32, "projection_dim": 16,
+                   "t_stream.num_blocks": 2, "t_stream.heads": 2, "t_stream.head_dim": 4}
   args = ["--config=configs/care.py:fmnist_gpu", f"--workdir={workdir}",
           f"--config.data.data_dir={tmp_path}", "--config.global_batch_size=16",
-          "--config.num_train_steps=2", "--config.monitor.every_steps=2"]
+          "--config.num_train_steps=2", "--config.monitor.every_steps=2",
+          *(f"--config.model.{k}={v}" for k, v in small_network.items())]
   code = (BLOCK_TENSORFLOW + "import runpy\n"
           f"sys.argv = ['care_jax.main'] + {args!r}\n"
           "runpy.run_module('care_jax.main', run_name='__main__')\n")
@@ -63,5 +67,5 @@ def test_gpu_preset_pretrains_without_tensorflow_tfds_or_clu(tmp_path):
   assert [step for step, _ in scalars(workdir, "loss")] == [2]
   assert "knn_top1=" in result.stderr  # the log lines of the writer without clu
   saved = json.loads((workdir / "config.json").read_text())
-  assert (saved["data"]["name"], saved["precision"], saved["model"]["channels"],
-          saved["cross_weight"]) == ("fashion_mnist_idx", "bfloat16", 32, 100.0)
+  assert (saved["data"]["name"], saved["precision"], saved["optimizer"]["name"],
+          saved["cross_weight"]) == ("fashion_mnist_idx", "bfloat16", "lars", 100.0)

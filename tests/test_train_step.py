@@ -64,6 +64,7 @@ def test_float16_overflow_is_skipped_and_scale_reduced():
   new, metrics = quick_jit(setup.train_step, state, views())
   assert int(metrics["skipped_step"]) == 1
   assert float(new.loss_scale.scale) == pytest.approx(1.5e38)
+  assert float(metrics["loss_scale"]) == pytest.approx(1.5e38)  # logged with the others
   assert int(new.step) == 1  # the data stream and schedules move on
   for name in ("online_params", "online_stats", "target_params", "target_stats", "opt_state"):
     for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(new, name))):

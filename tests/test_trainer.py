@@ -48,19 +48,16 @@ def test_batch_that_does_not_divide_over_devices_is_a_clear_error(tmp_path, imag
   assert "Traceback" not in out.stderr
 
 
-def test_tensorboard_events_hold_the_training_scalars(tmp_path, image_folder):
-  from care_jax import train
-  config = load_config("tiny")
-  config.data.update(name="image_folder", folder_root=image_folder)
-  config.precision = "float16"  # adds the loss scale
-  train.pretrain(config, str(tmp_path))
+def test_tensorboard_events_hold_the_training_scalars(pretrained_workdir):
+  """The events of the shared tiny run (conftest); every metric the step returns is written
+  (float16's loss_scale: test_train_step)."""
   from tensorboard.backend.event_processing import event_accumulator
-  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events = event_accumulator.EventAccumulator(pretrained_workdir)
   events.Reload()
   tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
   wanted = {"loss", "c_loss", "t_loss", "cross_loss", "learning_rate", "tau", "grad_norm",
-            "images_per_sec", "data_wait_fraction", "skipped_images", "loss_scale",
-            "steps_per_sec"}
+            "images_per_sec", "data_wait_fraction", "skipped_images", "steps_per_sec",
+            "online_probe_loss", "online_probe_train_top1"}
   assert wanted <= tags, wanted - tags
 
 
