@@ -13,6 +13,7 @@ from care_jax.training import pretraining
 from tests.conftest import ROOT, load_config, quick_compile, quick_jit
 
 
+@pytest.mark.slow  # ~90 s; test_multiprocess checks 2 processes x 2 devices against 1 device
 def test_eight_devices_give_the_state_of_one():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
