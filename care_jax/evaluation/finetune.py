@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import checkpointing, errors, parallel, pretrained
+from care_jax import errors, parallel, pretrained
 from care_jax.data import augment, input_pipeline, sources
 from care_jax.evaluation import features, supervised
 from care_jax.training import state as state_lib
@@ -69,15 +69,10 @@ def _initial_trunk(config, source: dict, image_size: int):
 def finetune(config, workdir: str) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
   ft = config.finetune
-  checkpointing.check_workdir(workdir)
-  supervised.check_encoder(ft, "finetune", ENCODERS)
-  errors.check_positive(ft.num_epochs, "finetune.num_epochs")
-  errors.check_positive(ft.eval_every_epochs, "finetune.eval_every_epochs")
+  mesh = supervised.check_before_work(config, "finetune", ENCODERS, workdir)
   if config.precision not in ("float32", "bfloat16"):
     raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not "
                            f"{config.precision!r}; set --config.precision.")
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(ft.global_batch_size, mesh)
   data = config.data.copy_and_resolve_references()
   data.image_size = supervised.image_size(config, "finetune", supervised.pretrained_config(ft))
   train_data, train_indices = labelled_data(config)

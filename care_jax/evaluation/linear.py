@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from care_jax import checkpointing, errors, parallel, pretrained
+from care_jax import parallel, pretrained
 from care_jax.data import augment, input_pipeline
 from care_jax.evaluation import features, supervised
 
@@ -59,12 +59,7 @@ def evaluate(config, workdir: str) -> dict:
   """Linear evaluation of linear_eval.encoder; writes and returns results.json's content."""
   lin = config.linear_eval
   # Everything that can be checked is checked before any work.
-  checkpointing.check_workdir(workdir)
-  supervised.check_encoder(lin, "linear_eval", ENCODERS)
-  errors.check_positive(lin.num_epochs, "linear_eval.num_epochs")
-  errors.check_positive(lin.eval_every_epochs, "linear_eval.eval_every_epochs")
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(lin.global_batch_size, mesh)
+  mesh = supervised.check_before_work(config, "linear_eval", ENCODERS, workdir)
   data = config.data.copy_and_resolve_references()
   data.image_size = supervised.image_size(config, "linear_eval",
                                           supervised.pretrained_config(lin))

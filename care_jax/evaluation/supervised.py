@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from care_jax import checkpointing, metric_writers, pretrained
+from care_jax import checkpointing, errors, metric_writers, parallel, pretrained
 from care_jax.errors import UserError
 from care_jax.preemption import Preempted, Preemption
 
@@ -34,6 +34,19 @@ def check_encoder(section_config, section: str, encoders: tuple) -> None:
   if kind == "pretrained" and not section_config.pretrained_workdir:
     raise UserError(f"{section}.pretrained_workdir is not set: pass "
                     f"--config.{section}.pretrained_workdir=<pretraining workdir>.")
+
+
+def check_before_work(config, section: str, encoders: tuple, workdir):
+  """What linear evaluation and fine-tuning check before any work: the workdir, the
+  encoder, the epoch counts and that the batch divides over the devices. Returns the mesh."""
+  section_config = config[section]
+  checkpointing.check_workdir(workdir)
+  check_encoder(section_config, section, encoders)
+  errors.check_positive(section_config.num_epochs, f"{section}.num_epochs")
+  errors.check_positive(section_config.eval_every_epochs, f"{section}.eval_every_epochs")
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(section_config.global_batch_size, mesh)
+  return mesh
 
 
 def pretrained_config(section_config):
