@@ -146,7 +146,7 @@ def blur_test_images():
   return fmnist, natural
 
 
-blur_batch = jax.jit(jax.vmap(augment._gaussian_blur, in_axes=(0, None)))
+blur_batch = jax.jit(jax.vmap(augment.gaussian_blur, in_axes=(0, None)))
 
 
 def pil_blur(image, sigma):

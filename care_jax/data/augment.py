@@ -1,15 +1,26 @@
-"""Device side of the views: colour jitter, grayscale, blur, solarisation, normalisation.
+"""Device side of the views: colour jitter, blur, grayscale, solarisation, normalisation.
 
 These run inside the jitted train step (as in DeepMind's BYOL), on the uint8 crops the
 host made, one example at a time under vmap with its own key split from one key: the
 arrays may be batch-sharded global arrays. Imports only jax, numpy and dm-pix.
 
-Probabilities and ranges are the release's (spec "Augmentations"):
+The ops are public, with torchvision's names, so a recipe of one's own is a few lines:
+each takes one float32 HWC RGB image in [0, 1] and returns it clipped to [0, 1]. Each
+computes what the release computes (torchvision on PIL images, i.e. PIL itself), in float:
+PIL rounds to uint8 after every op and these do not, so they agree with it to within its
+rounding (tests/test_views_match_release.py measures each against PIL on real photos).
+
+  adjust_brightness(image, factor)   adjust_contrast(image, factor)
+  adjust_saturation(image, factor)   adjust_hue(image, delta)
+  to_grayscale(image)                gaussian_blur(image, sigma)
+  solarize(image)
+
+The release's recipe (spec "Augmentations"), in its order:
   both views: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a
-      random order) with p=0.8, then grayscale with p=0.2;
-  view 1: Gaussian blur with p=1.0, sigma ~ U(0.1, 2.0) x blur_scale; no solarisation;
-  view 2: Gaussian blur with p=0.1; solarisation (threshold 128 of 255) with p=0.2;
-then normalisation with the ImageNet mean and std. Flips and crops were done on the host.
+      random order) with p=0.8; view 1: Gaussian blur with p=1.0, sigma ~ U(0.1, 2.0) x
+      blur_scale; view 2: the blur with p=0.1; both: grayscale with p=0.2; view 2:
+      solarisation with p=0.2;
+then normalisation with the ImageNet mean and std. Crops and flips were made on the host.
 The blur's sigma is in pixels of the 224 px views; `blur_scale` (config data.blur_scale,
 1 in the paper presets) scales it for other resolutions: at 28 px, 28/224 blurs the image
 as much, relative to its content, as the release blurs a 224 px view.
@@ -22,42 +33,66 @@ import numpy as np
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
-_JITTER_PROB, _GRAYSCALE_PROB = 0.8, 0.2
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0.4, 0.4, 0.2, 0.1
-_SIGMA_RANGE = (0.1, 2.0)
-_VIEW1 = dict(blur_prob=1.0, solarize_prob=0.0)
-_VIEW2 = dict(blur_prob=0.1, solarize_prob=0.2)
+# PIL's convert("L"): ITU-R 601-2 luma, the grey of PIL's grayscale, contrast and colour.
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+JITTER_PROB, GRAYSCALE_PROB = 0.8, 0.2
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
+SIGMA_RANGE = (0.1, 2.0)
+VIEW1 = dict(blur_prob=1.0, solarize_prob=0.0)
+VIEW2 = dict(blur_prob=0.1, solarize_prob=0.2)
 
 
-def _brightness(image, factor):
-  # torchvision's brightness scales the pixels (dm-pix's adds a delta): the release's op.
-  return image * factor
+def _clip(image):
+  return jnp.clip(image, 0., 1.)
 
 
-def _contrast(image, factor):
-  return pix.adjust_contrast(image, factor)
+def _luma(image):
+  return image @ _LUMA_WEIGHTS
 
 
-def _saturation(image, factor):
-  return pix.adjust_saturation(image, factor)
+def adjust_brightness(image, factor):
+  """PIL's ImageEnhance.Brightness: the pixels scaled (dm-pix adds a delta instead)."""
+  return _clip(image * factor)
 
 
-def _hue(image, delta):
-  return pix.adjust_hue(image, delta)
+def adjust_contrast(image, factor):
+  """PIL's ImageEnhance.Contrast: every channel blends with ONE grey, the image's mean
+  luma rounded to a level of 255, so a colour cast fades with the contrast.
+
+  Written here because dm-pix (like tf.image) blends each channel with its own mean, which
+  moves the colours: 3.7 levels of 255 from the release on average.
+  """
+  grey = jnp.floor(jnp.mean(_luma(image)) * 255. + 0.5) / 255.
+  return _clip(grey + factor * (image - grey))
 
 
-def _colour_jitter(key, image):
-  """The four adjustments with random strengths, applied in a random order."""
-  order_key, *strength_keys = jax.random.split(key, 5)
-  strengths = jnp.stack([
-      jax.random.uniform(strength_keys[0], minval=1 - _BRIGHTNESS, maxval=1 + _BRIGHTNESS),
-      jax.random.uniform(strength_keys[1], minval=1 - _CONTRAST, maxval=1 + _CONTRAST),
-      jax.random.uniform(strength_keys[2], minval=1 - _SATURATION, maxval=1 + _SATURATION),
-      jax.random.uniform(strength_keys[3], minval=-_HUE, maxval=_HUE)])
-  order = jax.random.permutation(order_key, 4)
-  branches = [lambda x, op=op, j=j: jnp.clip(op(x, strengths[j]), 0., 1.)
-              for j, op in enumerate((_brightness, _contrast, _saturation, _hue))]
-  return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], branches, x), image)
+def adjust_saturation(image, factor):
+  """PIL's ImageEnhance.Color: each pixel blends with its own luma, which keeps the luma.
+
+  Written here because dm-pix scales the HSV saturation, which brightens as it saturates:
+  3.8 levels of 255 from the release on average.
+  """
+  grey = _luma(image)[..., None]
+  return _clip(grey + factor * (image - grey))
+
+
+def adjust_hue(image, delta):
+  """The hue turned by `delta` of a full turn, in HSV, as torchvision's adjust_hue on a
+  PIL image: that shifts PIL's 256-level uint8 hue by int(delta * 255) levels, so the turn
+  is truncated to whole levels here too (float HSV otherwise, via dm-pix)."""
+  turn = jnp.trunc(delta * 255.) / 256.
+  return _clip(pix.adjust_hue(image, turn))
+
+
+def to_grayscale(image):
+  """PIL's convert("L"), repeated in three channels (torchvision's Grayscale(3))."""
+  return jnp.broadcast_to(_luma(image)[..., None], image.shape)
+
+
+def solarize(image):
+  """PIL's ImageOps.solarize(threshold=128): levels of 128 and above are inverted."""
+  return jnp.where(image >= 128. / 255., 1. - image, image)
 
 
 _BLUR_PASSES = 3  # PIL's GaussianBlur is three box blurs along each axis
@@ -94,11 +129,10 @@ def _box_blur_matrix(n: int, radius):
           - jnp.where(columns == 0, 0., up_to(offset - 1)))
 
 
-def _gaussian_blur(image, sigma):
+def gaussian_blur(image, sigma):
   """PIL's ImageFilter.GaussianBlur(radius=sigma), the release's blur (spec
-  "Augmentations"), on a float HWC image: three box blurs along each axis, composed into
-  one matrix per axis and applied as two matrix products. PIL rounds to uint8 after each
-  pass; this does not.
+  "Augmentations"): three box blurs along each axis, composed into one matrix per axis and
+  applied as two matrix products.
 
   Under vmap, a convolution per example is slow on XLA:CPU (~45 ms of the demo's 680 ms
   step); batched matrix products are cheap on every backend.
@@ -109,26 +143,53 @@ def _gaussian_blur(image, sigma):
     box = _box_blur_matrix(n, radius)
     return box @ box @ box
 
-  return jnp.einsum("ij,jkc,lk->ilc", blur_matrix(image.shape[0]), image,
-                    blur_matrix(image.shape[1]))
+  return _clip(jnp.einsum("ij,jkc,lk->ilc", blur_matrix(image.shape[0]), image,
+                          blur_matrix(image.shape[1])))
 
 
-def _colour_augment(key, image, blur_prob, solarize_prob, blur_scale):
-  """One example: float32 HWC in [0, 1] -> augmented, still in [0, 1].
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
-  The probabilities may be traced values: every op is computed and selected, as on an
-  accelerator a branch per example would cost as much as computing both.
-  """
-  keys = jax.random.split(key, 6)
+
+def sample_view_params(key, blur_prob, solarize_prob, blur_scale=1.0) -> dict:
+  """The random part of one example's view, as the release draws it: which ops apply (the
+  coins), the jitter's order (one of 24) and strengths, the blur's sigma."""
+  keys = jax.random.split(key, 10)
   coin = jax.random.bernoulli
-  image = jnp.where(coin(keys[0], _JITTER_PROB), _colour_jitter(keys[1], image), image)
-  grey = jnp.broadcast_to(pix.rgb_to_grayscale(image, keep_dims=True), image.shape)
-  image = jnp.where(coin(keys[2], _GRAYSCALE_PROB), grey, image)
-  sigma = blur_scale * jax.random.uniform(keys[3], minval=_SIGMA_RANGE[0],
-                                          maxval=_SIGMA_RANGE[1])
-  blurred = _gaussian_blur(image, sigma)
-  image = jnp.where(coin(keys[4], blur_prob), blurred, image)
-  return jnp.where(coin(keys[5], solarize_prob), pix.solarize(image, 0.5), image)
+  uniform = jax.random.uniform
+  return {
+      "jitter": coin(keys[0], JITTER_PROB),
+      "order": jax.random.permutation(keys[1], len(_JITTER_OPS)),
+      # brightness, contrast, saturation factors; hue delta (torchvision's ColorJitter)
+      "strengths": jnp.stack([
+          uniform(keys[2], minval=1 - BRIGHTNESS, maxval=1 + BRIGHTNESS),
+          uniform(keys[3], minval=1 - CONTRAST, maxval=1 + CONTRAST),
+          uniform(keys[4], minval=1 - SATURATION, maxval=1 + SATURATION),
+          uniform(keys[5], minval=-HUE, maxval=HUE)]),
+      "blur": coin(keys[6], blur_prob),
+      "sigma": blur_scale * uniform(keys[7], minval=SIGMA_RANGE[0], maxval=SIGMA_RANGE[1]),
+      "grayscale": coin(keys[8], GRAYSCALE_PROB),
+      "solarize": coin(keys[9], solarize_prob),
+  }
+
+
+def _colour_jitter(image, order, strengths):
+  branches = [lambda x, op=op, j=j: op(x, strengths[j]) for j, op in enumerate(_JITTER_OPS)]
+  return jax.lax.fori_loop(0, len(_JITTER_OPS),
+                           lambda i, x: jax.lax.switch(order[i], branches, x), image)
+
+
+def apply_view(image, params: dict):
+  """One example's view with its drawn parameters (sample_view_params), in the release's
+  order: jitter, blur, grayscale, solarisation.
+
+  Every op is computed and selected: on an accelerator a branch per example would cost as
+  much as computing both.
+  """
+  image = jnp.where(params["jitter"],
+                    _colour_jitter(image, params["order"], params["strengths"]), image)
+  image = jnp.where(params["blur"], gaussian_blur(image, params["sigma"]), image)
+  image = jnp.where(params["grayscale"], to_grayscale(image), image)
+  return jnp.where(params["solarize"], solarize(image), image)
 
 
 def normalize(images):
@@ -139,13 +200,14 @@ def normalize(images):
 def colour_views(key, images, blur_prob, solarize_prob, blur_scale=1.0):
   """Augments a batch (uint8 NHWC), one independent key per example; normalised out."""
   keys = jax.random.split(key, images.shape[0])
-  augmented = jax.vmap(_colour_augment, in_axes=(0, 0, None, None, None))(
-      keys, jnp.asarray(images, jnp.float32) / 255., blur_prob, solarize_prob, blur_scale)
+  params = jax.vmap(sample_view_params, in_axes=(0, None, None, None))(
+      keys, blur_prob, solarize_prob, blur_scale)
+  augmented = jax.vmap(apply_view)(jnp.asarray(images, jnp.float32) / 255., params)
   return (augmented - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def pretrain_views(key, view1, view2, blur_scale=1.0):
   """The two asymmetric CARE views of a batch of host crops (uint8 NHWC each)."""
   key1, key2 = jax.random.split(key)
-  return (colour_views(key1, view1, **_VIEW1, blur_scale=blur_scale),
-          colour_views(key2, view2, **_VIEW2, blur_scale=blur_scale))
+  return (colour_views(key1, view1, **VIEW1, blur_scale=blur_scale),
+          colour_views(key2, view2, **VIEW2, blur_scale=blur_scale))

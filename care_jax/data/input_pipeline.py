@@ -133,9 +133,7 @@ def _centre_view(source: sources.Source, index: int, image_size: int):
   """The validation view of one example, or None when it cannot be decoded."""
   try:
     encoded, label = source.read(index)
-    full_size = views.image_size(encoded)
-    box = views.centre_crop_box(*full_size)
-    return views.crop_views(encoded, [box], [False], image_size, full_size)[0], label
+    return views.centre_view(encoded, image_size), label
   except (views.UndecodableImageError, OSError) as e:
     _log_skip(source, index, e, "Masking out")
     return None

@@ -7,12 +7,19 @@ as the decoded bytes of the same pixels.
 Only the geometric part of the augmentation runs here (spec "Augmentations": random
 resized crop and flip); colour, blur and solarisation run on the device (`augment`).
 
-Decoding is the cost that matters (about 1.3 ms for a 500x375 JPEG on one core, against
-0.15 ms for a bilinear resize), so each image is decoded once for both views, and at a
-reduced scale when both crops allow it: libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8
-size for little more than the cost of the smaller image. We measured the alternative of a
-fused decode-and-crop per view (tf.image.decode_and_crop_jpeg): two partial decodes cost
-more than one full decode on ImageNet-sized images (docs/data.md has the figures).
+The crop is resized as the release resizes it: PIL's bilinear filter, whose support
+widens with the shrink factor (an antialiased resize). A plain bilinear resize, such as
+OpenCV's, looks at two pixels whatever the shrink, so a crop shrunk 1.5x comes out up to
+twice as sharp (in gradient energy) as the release's view of it. Where both axes are
+enlarged the two filters are the same, and OpenCV's is ~7x faster, so it is used there.
+
+Decoding is the cost that matters (about 1.3 ms for a 500x375 JPEG on one core), so each
+image is decoded once for both views, at full size as the release decodes it. libjpeg's
+DCT scaling (decoding at 1/2, 1/4 or 1/8 size) would be cheaper for big images, but its
+views are up to 25% blurrier than the release's (p99 difference 11 to 46 levels of 255 on
+photos, measured with tests/test_views_match_release.py's crops). A fused decode-and-crop
+per view (tf.image.decode_and_crop_jpeg) costs more than one full decode on ImageNet-sized
+images (docs/data.md has the figures).
 
 Randomness is passed in (`np.random.Generator`), never global, so that the caller can
 make every view a pure function of (seed, step, example).
@@ -29,10 +36,8 @@ import PIL.Image
 
 _ATTEMPTS = 10  # random resized crop: tries before falling back to a centre crop.
 _RATIO = (3 / 4, 4 / 3)  # aspect ratio range of the crop (spec).
-_DCT_SCALES = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-               4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-# EXIF orientation is ignored, as TensorFlow's and PIL's decoders (and so the release) do.
-_CV2_FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
+# Decoded straight to RGB; EXIF orientation is ignored, as PIL's decoder (the release's) does.
+_CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The pipeline decodes one image per thread; OpenCV's own threads would only compete.
 cv2.setNumThreads(1)
@@ -130,45 +135,41 @@ def random_resized_crop_boxes(rng: np.random.Generator, count: int, height: int,
   return boxes
 
 
-def centre_crop_box(height: int, width: int, crop_fraction: float = 224 / 256) -> Box:
-  """The validation window: resize to size/crop_fraction, centre crop size (spec).
-
-  Expressed as a crop of the original image (a centred square of side
-  crop_fraction * shorter side), so one resize does both steps.
+def centre_view_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+  """The validation view's window (spec "Linear evaluation": resize the shorter side to 256,
+  centre crop 224; at other sizes the same proportions): (left, top, right, bottom) in
+  pixels of the image, fractional, so that one resize of it gives exactly the pixels of
+  the release's resize-then-crop (torchvision's Resize(int) and CenterCrop arithmetic).
   """
-  side = max(1, round(min(height, width) * crop_fraction))
-  return Box((height - side) // 2, (width - side) // 2, side, side)
+  short_side = round(size * 256 / 224)
+  if width <= height:
+    new_width, new_height = short_side, int(short_side * height / width)
+  else:
+    new_width, new_height = int(short_side * width / height), short_side
+  top, left = int(round((new_height - size) / 2)), int(round((new_width - size) / 2))
+  sy, sx = height / new_height, width / new_width
+  return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
-def _dct_scale(boxes: list[Box], size: int) -> int:
-  """Largest JPEG DCT reduction that keeps every crop at least `size` pixels a side."""
-  smallest = min(min(b.height, b.width) for b in boxes)
-  scale = 1
-  while scale < 8 and smallest // (2 * scale) >= size:
-    scale *= 2
-  return scale
-
-
-def _decode_bgr(encoded: bytes, scale: int) -> np.ndarray:
-  """Decodes to a 3-channel BGR uint8 array, reduced by `scale` where the format allows.
+def _decode_rgb(encoded: bytes) -> np.ndarray:
+  """Decodes to a 3-channel RGB uint8 array.
 
   OpenCV decodes JPEG (also CMYK and grayscale) and PNG straight into numpy and refuses
   truncated data; whatever it refuses goes to PIL, which knows more formats and also
   refuses truncated files. What neither decodes is undecodable.
   """
   try:
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _DCT_SCALES[scale] | _CV2_FLAGS)
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _CV2_FLAGS)
   except cv2.error:  # Raised for empty buffers, None returned for data it refuses.
     image = None
   if image is not None:
     return image
   try:
     with PIL.Image.open(io.BytesIO(encoded)) as pil_image:
-      rgb = np.asarray(pil_image.convert("RGB"))
+      return np.asarray(pil_image.convert("RGB"))
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data.
     raise UndecodableImageError(
         f"cannot decode ({len(encoded)} bytes): {_pil_reason(e)}") from e
-  return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
 def _pil_reason(error: Exception) -> str:
@@ -177,21 +178,24 @@ def _pil_reason(error: Exception) -> str:
   return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
 
 
-def _array_bgr(image: np.ndarray) -> np.ndarray:
-  """A decoded uint8 image as the 3-channel BGR array that _decode_bgr would return."""
+def _array_rgb(image: np.ndarray) -> np.ndarray:
+  """A decoded uint8 image as the 3-channel RGB array that _decode_rgb would return."""
   if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
       image.ndim == 3 and image.shape[2] not in (1, 3)):
     raise UndecodableImageError(f"not a uint8 grey or RGB image: {image.dtype} {image.shape}")
   if image.ndim == 2 or image.shape[2] == 1:
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-  return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+  return image
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear (as the release); area averaging when shrinking over 2x, to avoid aliasing."""
-  shrink = max(image.shape[0], image.shape[1]) > 2 * size
-  interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-  return cv2.resize(image, (size, size), interpolation=interpolation)
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W] or [H, W, 3] -> size x size with PIL's bilinear filter, the release's
+  resize (PIL.Image.resize(BILINEAR), antialiased when shrinking)."""
+  height, width = image.shape[:2]
+  if height <= size and width <= size:
+    # Enlarging: PIL's filter interpolates between the two nearest pixels, as OpenCV's.
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+  return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.BILINEAR))
 
 
 def crop_array_views(images: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
@@ -199,13 +203,13 @@ def crop_array_views(images: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
   """images[i] cropped to boxes[i] (top, left, height, width), resized to size x size and
   flipped where flips[i]: uint8 [n, size, size, 3] RGB from uint8 [n, H, W] grey or
   [n, H, W, 3] RGB images. The pixels crop_views gives for the same image and box,
-  without two colour conversions per view.
+  without a colour conversion per view.
   """
   if images.ndim == 4 and images.shape[3] == 1:
     images = images[..., 0]
   resized = np.empty((len(images), size, size) + images.shape[3:], np.uint8)
   for i, (top, left, height, width) in enumerate(boxes.tolist()):  # Python ints: faster
-    resized[i] = _resize(images[i, top:top + height, left:left + width], size)
+    resized[i] = resize(images[i, top:top + height, left:left + width], size)
   flips = np.asarray(flips, bool)
   resized[flips] = resized[flips, :, ::-1]
   if resized.ndim == 4:
@@ -215,6 +219,10 @@ def crop_array_views(images: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
   return rgb
 
 
+def _decoded(encoded: bytes | np.ndarray) -> np.ndarray:
+  return _array_rgb(encoded) if isinstance(encoded, np.ndarray) else _decode_rgb(encoded)
+
+
 def crop_views(encoded: bytes | np.ndarray, boxes: list[Box], flips: list[bool], size: int,
                full_size: tuple[int, int]) -> list[np.ndarray]:
   """Decodes once (unless already decoded), then for each box: crop, resize to size x size,
@@ -222,17 +230,19 @@ def crop_views(encoded: bytes | np.ndarray, boxes: list[Box], flips: list[bool],
 
   `full_size` is image_size(encoded); boxes are in its pixels.
   """
-  if isinstance(encoded, np.ndarray):
-    image = _array_bgr(encoded)
-  else:
-    image = _decode_bgr(encoded, _dct_scale(boxes, size))
-  sy, sx = image.shape[0] / full_size[0], image.shape[1] / full_size[1]
+  image = _decoded(encoded)
+  if image.shape[:2] != tuple(full_size):
+    raise UndecodableImageError(f"decoded as {image.shape[1]}x{image.shape[0]}, its header "
+                                f"says {full_size[1]}x{full_size[0]}")
   views = []
   for box, flip in zip(boxes, flips):
-    top, left = int(box.top * sy), int(box.left * sx)
-    bottom = max(top + 1, min(image.shape[0], round((box.top + box.height) * sy)))
-    right = max(left + 1, min(image.shape[1], round((box.left + box.width) * sx)))
-    view = _resize(image[top:bottom, left:right], size)
-    view = cv2.cvtColor(view, cv2.COLOR_BGR2RGB)
-    views.append(cv2.flip(view, 1) if flip else view)
+    view = resize(image[box.top:box.top + box.height, box.left:box.left + box.width], size)
+    views.append(view[:, ::-1] if flip else view)
   return views
+
+
+def centre_view(encoded: bytes | np.ndarray, size: int) -> np.ndarray:
+  """The validation view (centre_view_box), RGB uint8 [size, size, 3]."""
+  image = _decoded(encoded)
+  box = centre_view_box(*image.shape[:2], size)
+  return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.BILINEAR, box))
