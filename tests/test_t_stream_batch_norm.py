@@ -159,3 +159,16 @@ def test_sharded_groups_equal_one_device():
   # the gradient (measured 4-6e-5), still far below what grouping changes.
   assert errors["outputs"] <= 1e-5 and errors["batch_stats"] <= 1e-5, result
   assert errors["gradient"] <= 1e-3, result
+
+
+def test_a_float64_run_normalises_in_float64():
+  """Statistics in promote_types(dtype, float32), as nn.BatchNorm's: a float64 batch is not
+  rounded to float32 on the way (it was: 5e-6 from nn.BatchNorm on this batch)."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(batch(), jnp.float64) * 1e3 + 1e4  # large mean: float32 loses digits
+    grouped, grouped_stats = run(GroupedBatchNorm(False, group_size=0, dtype=jnp.float64), x)
+    plain, plain_stats = run(batch_norm(True, jnp.float64, "bn"), x)
+    assert grouped.dtype == jnp.float64
+    np.testing.assert_allclose(grouped, plain, rtol=1e-12, atol=1e-12)
+    for name in ("mean", "var"):
+      np.testing.assert_allclose(grouped_stats[name], plain_stats[name], rtol=1e-12)

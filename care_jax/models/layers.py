@@ -63,8 +63,9 @@ class GroupedBatchNorm(nn.Module):
 
   The running averages follow the first group only: DDP broadcasts rank 0's buffers to
   every rank at each forward (broadcast_buffers=True, its default) and rank 0 saves the
-  checkpoint, so the release keeps rank 0's statistics. Variables, statistics (float32,
-  E[x^2] - E[x]^2) and eval mode are nn.BatchNorm's, so checkpoints cannot tell them apart.
+  checkpoint, so the release keeps rank 0's statistics. Variables, statistics (E[x^2] -
+  E[x]^2, in promote_types(dtype, float32): float32 under bfloat16, float64 in a float64
+  run) and eval mode are nn.BatchNorm's, so checkpoints cannot tell them apart.
   """
   use_running_average: bool
   group_size: int
@@ -79,7 +80,7 @@ class GroupedBatchNorm(nn.Module):
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     groups = 1 if self.use_running_average else batch_norm_groups(x.shape[0], self.group_size)
     # [groups, examples per group x positions, features]: groups are contiguous examples.
-    grouped = x.reshape(groups, -1, features).astype(jnp.float32)
+    grouped = x.reshape(groups, -1, features).astype(jnp.promote_types(self.dtype, jnp.float32))
     if self.use_running_average:
       mean, var = running_mean.value[None], running_var.value[None]
     else:
