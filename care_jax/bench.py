@@ -1,6 +1,8 @@
 """Benchmarks, one subcommand each; the last line printed is a JSON object of the figures.
 
-  python -m care_jax.bench input --images=DIR   host side of the pretraining input pipeline
+  python -m care_jax.bench input --images=DIR   host side of the pretraining input pipeline,
+                                                 next to the release's two-view transforms
+                                                 on the same files
   python -m care_jax.bench step [--preset=r50_100ep --batch_per_device=128 --precision=...]
                                                  the jitted train step on synthetic crops,
                                                  next to the same step without the T-stream:
@@ -75,14 +77,96 @@ def _example_size(paths, limit: int = 1000):
   return None
 
 
+def _release_two_views(encoded: bytes, rnd) -> None:
+  """What the release's data loader does per image (its data/transforms.py
+  standard_transform, torchvision on PIL images), written with the PIL calls torchvision
+  makes: decode; per view RGB conversion, RandomResizedCrop(224), ColorJitter(0.4, 0.4,
+  0.2, 0.1) in a random order with p=0.8, GaussianBlur (p=1 / 0.1), RandomGrayscale(0.2),
+  flip, Solarization (view 2, p=0.2), ToTensor and Normalize."""
+  import io
+  import math
+
+  import numpy as np
+  import PIL.Image
+  import PIL.ImageEnhance
+  import PIL.ImageFilter
+  import PIL.ImageOps
+
+  from care_jax.data import augment
+
+  def hue(image, delta):
+    h, s, v = image.convert("HSV").split()
+    shifted = (np.asarray(h).astype(np.int64) + int(delta * 255)) % 256
+    merged = [PIL.Image.fromarray(shifted.astype(np.uint8)), s, v]
+    return PIL.Image.merge("HSV", merged).convert("RGB")
+
+  def view(image, blur_prob, solarize_prob):
+    image = image.convert("RGB")
+    width, height = image.size
+    for _ in range(10):
+      area = height * width * rnd.uniform(0.08, 1.0)
+      ratio = math.exp(rnd.uniform(math.log(3 / 4), math.log(4 / 3)))
+      w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+      if 0 < w <= width and 0 < h <= height:
+        top, left = rnd.randint(0, height - h), rnd.randint(0, width - w)
+        break
+    else:
+      top, left, h, w = 0, 0, height, width
+    image = image.crop((left, top, left + w, top + h)).resize((224, 224), PIL.Image.BILINEAR)
+    if rnd.random() < augment.JITTER_PROB:
+      ops = [lambda x: PIL.ImageEnhance.Brightness(x).enhance(rnd.uniform(0.6, 1.4)),
+             lambda x: PIL.ImageEnhance.Contrast(x).enhance(rnd.uniform(0.6, 1.4)),
+             lambda x: PIL.ImageEnhance.Color(x).enhance(rnd.uniform(0.8, 1.2)),
+             lambda x: hue(x, rnd.uniform(-0.1, 0.1))]
+      rnd.shuffle(ops)
+      for op in ops:
+        image = op(image)
+    if rnd.random() < blur_prob:
+      image = image.filter(PIL.ImageFilter.GaussianBlur(radius=rnd.uniform(0.1, 2.0)))
+    if rnd.random() < augment.GRAYSCALE_PROB:
+      image = image.convert("L").convert("RGB")
+    if rnd.random() < 0.5:
+      image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    if rnd.random() < solarize_prob:
+      image = PIL.ImageOps.solarize(image, 128)
+    tensor = np.asarray(image, np.float32).transpose(2, 0, 1) / 255.
+    return (tensor - augment.IMAGENET_MEAN[:, None, None]) / augment.IMAGENET_STD[:, None, None]
+
+  with PIL.Image.open(io.BytesIO(encoded)) as image:
+    image.load()
+    view(image, **augment.VIEW1)
+    view(image, **augment.VIEW2)
+
+
+def _release_rate(paths: list[str], count: int) -> Optional[float]:
+  """Images per second of _release_two_views on one core (the release's loader runs one
+  such process per worker), over `count` decodable files from `paths`, after one warm-up."""
+  import random
+
+  rnd, done, seconds = random.Random(0), 0, 0.0
+  for i in range(count + 1):
+    with open(paths[i % len(paths)], "rb") as f:
+      encoded = f.read()
+    start = time.perf_counter()
+    try:
+      _release_two_views(encoded, rnd)
+    except Exception:  # A file the release would fail on: not timed.
+      continue
+    if i:
+      done, seconds = done + 1, seconds + time.perf_counter() - start
+  return done / seconds if done else None
+
+
 def bench_input(args) -> dict:
   """Times reading, decoding and cropping both pretraining views of the images (JPEG or
-  PNG) in a folder.
+  PNG) in a folder, and, on the same files, the release's two-view transforms.
 
   Runs the pipeline's own engine (input_pipeline.random_view_batches) on the files, so the
   figure includes file reads, header parsing, decoding, crops, resizes, flips, batching.
   Undecodable files are replaced as in training and counted; if nothing decodes, the
-  result says so (images_per_sec null) instead of timing nothing.
+  result says so (images_per_sec null) instead of timing nothing. The release's rate is
+  per core as well: its loader (torchvision, PIL) runs one process per core and also
+  does the colour augmentations there, which care_jax does on the accelerator.
   """
   import cv2
   import PIL
@@ -90,6 +174,8 @@ def bench_input(args) -> dict:
   from care_jax.data import input_pipeline, sources, synthetic
   from care_jax.data.errors import DataError
 
+  if args.release_images < 0:
+    raise UserError(f"--release_images must be 0 or more, got {args.release_images}.")
   for name in ("image_size", "workers", "batch_size", "num_images"):
     if getattr(args, name) < 1:
       raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
@@ -120,9 +206,14 @@ def bench_input(args) -> dict:
     error = f"nothing to time: {e}"
   finally:
     batches.close()
+  release = _release_rate(paths, args.release_images) if args.release_images else None
+  per_core = None if rate is None else rate / args.workers
   result = {"benchmark": "input",
             "images_per_sec": None if rate is None else round(rate, 1),
-            "images_per_sec_per_core": None if rate is None else round(rate / args.workers, 1),
+            "images_per_sec_per_core": None if per_core is None else round(per_core, 1),
+            "release_images_per_sec_per_core": None if release is None else round(release, 1),
+            "times_release_per_core": None if per_core is None or release is None
+            else round(per_core / release, 2),
             "cores_used": args.workers, "views_per_image": 2, "image_size": args.image_size,
             "images_timed": 0 if rate is None else num_batches * batch_size,
             "distinct_images": len(paths), "files_skipped": len(source.skipped),
@@ -306,6 +397,8 @@ def main(argv=None) -> None:
                  help="decoding threads (= cores used)")
   p.add_argument("--batch_size", type=int, default=128)
   p.add_argument("--num_images", type=int, default=2048, help="images to time")
+  p.add_argument("--release_images", type=int, default=256,
+                 help="images to time the release's transforms on (one core); 0: skip")
   p.set_defaults(run=bench_input)
 
   p = commands.add_parser("step",
