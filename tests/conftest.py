@@ -58,6 +58,30 @@ def image_folder(tmp_path_factory):
   return str(root)
 
 
+# Six colours (RGB gains) that a linear classifier of pixels or of features tells apart.
+SEPARABLE_TINTS = ((1.0, 0.2, 0.2), (0.2, 1.0, 0.2), (0.2, 0.2, 1.0), (1.0, 1.0, 0.2),
+                   (0.2, 1.0, 1.0), (1.0, 0.2, 1.0))
+
+
+@pytest.fixture(scope="session")
+def separable_folder(tmp_path_factory):
+  """root/{train,test}/{class0..class5}/*.jpg: 16 + 8 natural images per class, each class
+  tinted its own colour (SEPARABLE_TINTS): linear probes must reach well above chance."""
+  import numpy as np
+  import PIL.Image
+  from care_jax.data import synthetic
+  root = tmp_path_factory.mktemp("separable")
+  rng = np.random.default_rng(5)
+  for split, count in (("train", 16), ("test", 8)):
+    for k, tint in enumerate(SEPARABLE_TINTS):
+      folder = root / split / f"class{k}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        image = synthetic.natural_image(rng, 24, 24) * np.asarray(tint)
+        PIL.Image.fromarray(image.astype(np.uint8)).save(folder / f"img{i}.jpg", quality=95)
+  return str(root)
+
+
 @pytest.fixture(scope="session")
 def pretrained_workdir(tmp_path_factory, image_folder):
   """A tiny pretraining run (4 steps at 16 px) on the image folder."""

@@ -128,6 +128,6 @@ def test_image_smaller_than_the_crop_is_upscaled(tmp_path):
 def test_undecodable_validation_image_is_masked_out(tmp_path, caplog):
   config = folder_with(tmp_path, "truncated.jpg", jpeg_bytes()[:300], good=3)
   with caplog.at_level(logging.WARNING):
-    batch, = input_pipeline.eval_batches(config, split="eval", global_batch_size=4)
+    batch, = input_pipeline.centre_view_batches(config, config.eval_split, global_batch_size=4)
   assert batch["mask"].tolist() == [True, True, True, False]
   assert batch["num_skipped"] == 1 and "truncated.jpg" in caplog.text

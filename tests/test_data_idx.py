@@ -118,7 +118,8 @@ def test_crops_vary_with_the_step_and_the_seed():
 
 def test_eval_split_is_the_test_file_in_order(idx_dir):
   config = data_config(data_dir=idx_dir)
-  batches = list(input_pipeline.eval_batches(config, split="eval", global_batch_size=4))
+  batches = list(input_pipeline.centre_view_batches(config, config.eval_split,
+                                                    global_batch_size=4))
   mask = np.concatenate([b["mask"] for b in batches])
   assert mask.tolist() == [True] * NUM_TEST + [False] * 2
   images = np.concatenate([b["image"] for b in batches])[mask]

@@ -82,7 +82,8 @@ def test_global_batch_must_divide_among_processes(config):
 
 
 def test_eval_split_is_one_padded_pass_in_order(config):
-  batches = list(input_pipeline.eval_batches(config, split="eval", global_batch_size=4))
+  batches = list(input_pipeline.centre_view_batches(config, config.eval_split,
+                                                    global_batch_size=4))
   assert len(batches) == 2  # 6 validation images.
   mask = np.concatenate([b["mask"] for b in batches])
   assert mask.tolist() == [True] * 6 + [False] * 2
@@ -95,14 +96,13 @@ def test_eval_split_is_one_padded_pass_in_order(config):
 
 def test_eval_split_view_is_deterministic(config):
   def images():
-    return np.concatenate([b["image"] for b in input_pipeline.eval_batches(
-        config, split="eval", global_batch_size=2)])
+    return np.concatenate([b["image"] for b in input_pipeline.centre_view_batches(
+        config, config.eval_split, global_batch_size=2)])
   np.testing.assert_array_equal(images(), images())
 
 
 def test_linear_eval_train_split_is_random_crops_with_labels(config):
-  batches = take(input_pipeline.eval_batches(config, split="train", global_batch_size=4,
-                                             seed=3), 5)
+  batches = take(input_pipeline.labelled_batches(config, global_batch_size=4, seed=3), 5)
   assert all(b["mask"].all() and b["image"].shape == (4, 16, 16, 3) for b in batches)
   indices = np.concatenate([b["index"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])

@@ -54,7 +54,8 @@ def test_fashion_mnist_pixels_and_labels_are_debian_files(fmnist, monkeypatch):
   for index in (0, 1234, 9999):
     assert by_record.read(index) == source.read(index)
   # One validation pass sees every test example once: same label counts as the file.
-  batches = list(input_pipeline.eval_batches(fmnist, split="eval", global_batch_size=2048))
+  batches = list(input_pipeline.centre_view_batches(fmnist, fmnist.eval_split,
+                                                    global_batch_size=2048))
   seen = np.concatenate([b["label"][b["mask"]] for b in batches])
   np.testing.assert_array_equal(np.bincount(seen), np.bincount(labels))
 
@@ -100,7 +101,7 @@ def test_image_folder_info_and_labels(tmp_path):
                        image_size=24)
   info = input_pipeline.dataset_info(config)
   assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (9, 6, 3)
-  batch = next(input_pipeline.eval_batches(config, split="eval", global_batch_size=6))
+  batch = next(input_pipeline.centre_view_batches(config, config.eval_split, global_batch_size=6))
   assert batch["label"].tolist() == [0, 0, 1, 1, 2, 2]  # Sorted: a, b, c.
   assert batch["image"].shape == (6, 24, 24, 3)
 
@@ -116,7 +117,7 @@ def test_image_folder_takes_labels_from_train_split_whatever_its_name(tmp_path):
   assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (6, 2, 3)
   assert sources.open_source(config, "holdout").labels().tolist() == [1, 2]
   assert sources.open_source(config, "labelled").labels().tolist() == [0, 0, 1, 1, 2, 2]
-  batch = next(input_pipeline.eval_batches(config, split="eval", global_batch_size=2))
+  batch = next(input_pipeline.centre_view_batches(config, config.eval_split, global_batch_size=2))
   assert batch["label"].tolist() == [1, 2]
   (tmp_path / "holdout" / "d").mkdir()
   sources._folder_files.cache_clear()
@@ -188,11 +189,12 @@ def imagenet(tmp_path_factory, manual_dir):
 def test_imagenet2012_through_the_tfds_builder(imagenet):
   info = input_pipeline.dataset_info(imagenet)
   assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (6, 4, 1000)
-  batch = next(input_pipeline.eval_batches(imagenet, split="train", global_batch_size=6))
+  batch = next(input_pipeline.labelled_batches(imagenet, seed=0, global_batch_size=6))
   assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]
   batch = next(input_pipeline.pretrain_batches(imagenet, global_batch_size=4, seed=0))
   assert batch["view1"].shape == (4, 32, 32, 3) and batch["num_skipped"] == 0
-  batch = next(input_pipeline.eval_batches(imagenet, split="eval", global_batch_size=4))
+  batch = next(input_pipeline.centre_view_batches(imagenet, imagenet.eval_split,
+                                                  global_batch_size=4))
   assert batch["mask"].all() and batch["image"].shape == (4, 32, 32, 3)
 
 
@@ -212,7 +214,7 @@ def test_imagenet_1pct_subset_from_a_local_file_list(tmp_path, manual_dir, monke
                        eval_split="validation")
   info = input_pipeline.dataset_info(config)
   assert (info.num_train_examples, info.num_eval_examples) == (2, 4)
-  batch = next(input_pipeline.eval_batches(config, split="train", global_batch_size=2))
+  batch = next(input_pipeline.labelled_batches(config, seed=0, global_batch_size=2))
   assert sorted(batch["label"].tolist()) == [0, 1]
 
 

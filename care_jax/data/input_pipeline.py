@@ -228,28 +228,19 @@ def _pair_batch(results: list) -> dict:
           "num_skipped": int(sum(skipped))}
 
 
-def eval_batches(config, *, split: str, global_batch_size: int, seed: int = 0,
-                 start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                 train_indices=None) -> Iterator[dict]:
-  """Linear-evaluation and fine-tuning batches: 'image' uint8 [b, S, S, 3], 'label' int32,
-  'mask' bool.
-
-  split='train': endless random resized crops + flips of config.train_split (or of its
-  examples at `train_indices`, e.g. a labelled subset), reshuffled every epoch (mask all
-  True). split='eval': one pass over config.eval_split in order, as centre_view_batches.
-  Both also give 'index' (int64, -1 for padding) and 'num_skipped'.
+def labelled_batches(config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                     process_index: int = 0, process_count: int = 1,
+                     indices=None) -> Iterator[dict]:
+  """Endless training batches for linear evaluation and fine-tuning: random resized crops +
+  flips of config.train_split (or of its examples at `indices`, e.g. a labelled subset),
+  reshuffled every epoch. 'image' uint8 [b, S, S, 3], 'label' int32, 'mask' bool (all
+  True), 'index' int64, 'num_skipped'. Evaluation batches are centre_view_batches'.
   """
-  if split == "train":
-    batches = _config_batches(
-        config, config.train_split, num_views=1, indices=train_indices,
-        global_batch_size=global_batch_size, seed=seed, start_step=start_step,
-        process_index=process_index, process_count=process_count)
-    return (_single_view_batch(results) for results in batches)
-  if split == "eval":
-    return centre_view_batches(config, config.eval_split, global_batch_size=global_batch_size,
-                               start_step=start_step, process_index=process_index,
-                               process_count=process_count)
-  raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+  batches = _config_batches(
+      config, config.train_split, num_views=1, indices=indices,
+      global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count)
+  return (_single_view_batch(results) for results in batches)
 
 
 def _single_view_batch(results: list) -> dict:

@@ -33,10 +33,11 @@ def trunk_features_fn(network, mesh) -> Callable:
   The variables are an argument (not a constant), so one compiled program serves every
   evaluation of a changing network.
   """
-  def features(variables, images):
+  def pooled_layer4(variables, images):
     return network.apply(variables, augment.normalize(images), method=network.trunk_features)
 
-  return jax.jit(features, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+  return jax.jit(pooled_layer4,
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                  out_shardings=parallel.batch_sharded(mesh))
 
 
@@ -77,10 +78,11 @@ def _cached_batches(*key) -> tuple:
   return tuple(_stream_batches(*key))
 
 
-def embedded_batches(features_fn: Callable, data_config, split: str, mesh,
-                     indices: Optional[np.ndarray] = None) -> Iterator[tuple]:
-  """(features, labels, mask) of every global batch of the split, as global arrays."""
+def apply_to_split(fn: Callable, data_config, split: str, mesh,
+                   indices: Optional[np.ndarray] = None) -> Iterator[tuple]:
+  """(fn(images), labels, mask) of every global batch of the split's centre views, as
+  global arrays: fn maps uint8 images to features, logits, ..."""
   for batch in decoded_batches(data_config, split, mesh, indices):
     images, labels, mask = parallel.host_to_global(
         mesh, (batch["image"], batch["label"], batch["mask"]))
-    yield features_fn(images), labels, mask
+    yield fn(images), labels, mask

@@ -6,8 +6,9 @@ subsets, the paper's); on any other dataset, a class-balanced sample of 1% or 10
 train_split fixed by finetune.label_seed. The protocol is BYOL's, as the CARE paper gives
 none (hyper-parameters and sources in the README): SGD with Nesterov momentum, no weight
 decay, random resized crops + flips, BatchNorm in training mode on the global batch, a
-cosine learning rate; evaluation on centre views of eval_split. Checkpoints and resumes as
-linear evaluation does (`supervised`).
+cosine learning rate; evaluation on centre views of eval_split. Epochs, evaluations,
+checkpoints, preemption and results.json are the shared loop's (`loop`), as in linear
+evaluation.
 """
 import functools
 import logging
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import errors, parallel, pretrained
+from care_jax import errors, parallel
 from care_jax.data import augment, input_pipeline, sources
-from care_jax.evaluation import features, supervised
+from care_jax.evaluation import classifier, encoders, features, loop
 from care_jax.training import state as state_lib
 
 ENCODERS = ("pretrained", "random_init")
@@ -57,24 +58,22 @@ def labelled_data(config):
   return data, sources.stratified_indices(labels, LABELS[ft.labels], ft.label_seed)
 
 
-def _initial_trunk(config, source: dict, image_size: int):
-  """(trunk module, its params, its BN statistics): pretrained or at random init."""
-  if source["encoder"] == "pretrained":
-    network, variables = pretrained.load(source["workdir"], source["step"])
-  else:
-    network, variables = pretrained.random_init(config, image_size)
+def _initial_trunk(config, source: dict, image_size: int, mesh):
+  """(trunk module, its params, its BN statistics), pretrained or at random init, on the
+  mesh."""
+  network, variables = encoders.load(config, source, image_size, mesh)
   return network.trunk, variables["params"]["trunk"], variables["batch_stats"]["trunk"]
 
 
 def finetune(config, workdir: str) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
   ft = config.finetune
-  mesh = supervised.check_before_work(config, "finetune", ENCODERS, workdir)
+  mesh = loop.check_before_work(config, "finetune", ENCODERS, workdir)
   if config.precision not in ("float32", "bfloat16"):
     raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not "
                            f"{config.precision!r}; set --config.precision.")
   data = config.data.copy_and_resolve_references()
-  data.image_size = supervised.image_size(config, "finetune", supervised.pretrained_config(ft))
+  data.image_size = encoders.image_size(config, "finetune", encoders.pretrained_config(ft))
   train_data, train_indices = labelled_data(config)
   train_data.image_size = data.image_size
   info = input_pipeline.dataset_info(train_data)
@@ -84,73 +83,65 @@ def finetune(config, workdir: str) -> dict:
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
   total_steps = ft.num_epochs * steps_per_epoch
 
-  source = supervised.encoder_source(ft)
-  trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size)
-  model = Classifier(trunk.clone(dtype=state_lib.PRECISIONS[config.precision]),
-                     info.num_classes)
-  head = _head(info.num_classes).init(jax.random.key(config.seed),
-                                      jnp.zeros((1, trunk.out_channels)))["params"]
-  params = {"trunk": trunk_params, "head": head}
-  lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
-  tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
-                   optax.sgd(lr, momentum=ft.momentum, nesterov=True))
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  initial = jax.device_put(supervised.initial_state(params, {"trunk": trunk_stats}, tx),
-                           replicated)
-  apply = lambda variables, images, **kwargs: model.apply(
-      variables, augment.normalize(images), **kwargs)
-  train_step = jax.jit(supervised.classifier_step(apply, tx),
-                       in_shardings=(replicated, sharded, sharded),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-  @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=sharded)
-  def logits_fn(state, images):
-    return apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
-                 train=False)
-
-  counts_fn = jax.jit(supervised.correct_counts,
-                      in_shardings=(sharded, sharded, sharded), out_shardings=replicated)
-
-  def evaluate(state):
-    return supervised.accuracy(sum(
-        counts_fn(*batch) for batch in features.embedded_batches(
-            functools.partial(logits_fn, state), data, data.eval_split, mesh)))
-
-  run = supervised.Run(workdir, config, "finetune", source)
+  source = encoders.source(ft)
+  evaluation = loop.Evaluation(workdir, config, "finetune", source)  # may refuse a rerun
   batches = None
   try:
-    state, history = run.restore(initial)
+    trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size, mesh)
+    model = Classifier(trunk.clone(dtype=state_lib.PRECISIONS[config.precision]),
+                       info.num_classes)
+    head = _head(info.num_classes).init(jax.random.key(config.seed),
+                                        jnp.zeros((1, trunk.out_channels)))["params"]
+    lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
+    tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
+                     optax.sgd(lr, momentum=ft.momentum, nesterov=True))
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    initial = jax.device_put(classifier.initial_state(
+        {"trunk": trunk_params, "head": head}, {"trunk": trunk_stats}, tx), replicated)
+    apply = lambda variables, images, **kwargs: model.apply(
+        variables, augment.normalize(images), **kwargs)
+    train_step = jax.jit(classifier.training_step(apply, tx),
+                         in_shardings=(replicated, sharded, sharded),
+                         out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+    @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=sharded)
+    def logits_fn(state, images):
+      return apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
+                   train=False)
+
+    counts_fn = jax.jit(classifier.correct_counts,
+                        in_shardings=(sharded, sharded, sharded), out_shardings=replicated)
+
+    def evaluate(state, check):
+      counts = 0
+      for batch in features.apply_to_split(functools.partial(logits_fn, state), data,
+                                           data.eval_split, mesh):
+        counts = counts + counts_fn(*batch)
+        check()
+      return classifier.accuracy(counts)
+
+    state, history = evaluation.restore(initial)
     logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d "
-                 "steps.", _describe(source), data.image_size, num_train, ft.labels,
+                 "steps.", encoders.describe(source), data.image_size, num_train, ft.labels,
                  ft.num_epochs, steps_per_epoch)
-    batches = input_pipeline.eval_batches(
-        train_data, split="train", global_batch_size=ft.global_batch_size, seed=config.seed,
+    batches = input_pipeline.labelled_batches(
+        train_data, global_batch_size=ft.global_batch_size, seed=config.seed,
         start_step=int(state["step"]), process_index=jax.process_index(),
-        process_count=jax.process_count(), train_indices=train_indices)
-    for step in range(int(state["step"]), total_steps):
-      batch = next(batches)
-      state, loss = train_step(state, *parallel.host_to_global(
-          mesh, (batch["image"], batch["label"])))
-      done = step + 1
-      epoch, into_epoch = divmod(done, steps_per_epoch)
-      if into_epoch == 0:
-        run.write_epoch(done, epoch, ft.num_epochs, float(loss), float(lr(done)))
-        if epoch == ft.num_epochs or epoch % ft.eval_every_epochs == 0:
-          history.append({"epoch": epoch, **evaluate(state)})
-          run.log_evaluation(done, epoch, ft.num_epochs, float(loss), history[-1])
-        run.save(done, state, history)
-      if done < total_steps:
-        run.stop_if_preempted(done, state, history)
+        process_count=jax.process_count(), indices=train_indices)
+
+    def step_fn(state, batch):
+      return train_step(state, *parallel.host_to_global(mesh, (batch["image"],
+                                                               batch["label"])))
+
+    history = evaluation.train(
+        state, history, steps_per_epoch=steps_per_epoch, num_epochs=ft.num_epochs,
+        eval_every_epochs=ft.eval_every_epochs,
+        train_epoch=loop.per_step_epochs(step_fn, batches, steps_per_epoch),
+        evaluate=evaluate, learning_rate=lr)
   finally:
     if batches is not None:
       batches.close()
-    run.close()
-  return run.write_results(supervised.summarise(
-      history, encoder=_describe(source), labels=ft.labels, labelled_examples=num_train,
-      epochs=ft.num_epochs, image_size=data.image_size))
-
-
-def _describe(source: dict) -> str:
-  if source["encoder"] == "pretrained":
-    return f"pretrained ({source['workdir']}, step {source['step']})"
-  return "random init"
+    evaluation.close()
+  return evaluation.write_results(
+      history, encoder=encoders.describe(source), labels=ft.labels,
+      labelled_examples=num_train, epochs=ft.num_epochs, image_size=data.image_size)

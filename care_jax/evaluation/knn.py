@@ -69,9 +69,9 @@ class Knn:
         out_shardings=replicated)
     self._bank = None
 
-  def set_bank(self, embedded_batches) -> None:
-    """embedded_batches: (features, labels, mask) global arrays, e.g. of the train split."""
-    self._bank = self._gather(*embedded_batches)
+  def set_bank(self, batches) -> None:
+    """batches: (features, labels, mask) global arrays, e.g. of the train split."""
+    self._bank = self._gather(*batches)
 
   def correct(self, features, labels, mask):
     """Correctly classified valid examples of one batch (a replicated scalar)."""

@@ -7,8 +7,8 @@ pixels themselves ("raw_pixels"). With linear_eval.augment the head trains on ra
 resized crops + flips through the frozen trunk, as the release does; without it, features
 of the centre views are computed once and the head trains on them (fast: the demo's way).
 
-The run checkpoints at the end of every epoch and on SIGTERM, and a rerun resumes exactly
-(`supervised`); the resolution is the pretraining run's unless linear_eval.image_size says
+Epochs, evaluations, checkpoints, preemption and results.json are the shared loop's
+(`loop`); the resolution is the pretraining run's unless linear_eval.image_size says
 otherwise.
 """
 import functools
@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from care_jax import parallel, pretrained
+from care_jax import parallel, preemption
 from care_jax.data import augment, input_pipeline
-from care_jax.evaluation import features, supervised
+from care_jax.evaluation import classifier, encoders, features, loop
 
 ENCODERS = ("pretrained", "random_init", "raw_pixels")
 
@@ -40,16 +40,15 @@ class LinearHead(nn.Module):
 
 def encoder_features(config, source: dict, image_size: int, mesh):
   """(uint8 images -> [B, D] float32 features over the mesh, description) of the encoder
-  `source` (supervised.encoder_source) names; its checkpoint is read only here."""
+  `source` (encoders.source) names; its checkpoint is read only here."""
   if source["encoder"] == "raw_pixels":
     flat = lambda images: augment.normalize(images).reshape(images.shape[0], -1)
     sharded = parallel.batch_sharded(mesh)
     return jax.jit(flat, in_shardings=sharded, out_shardings=sharded), "raw_pixels"
+  network, variables = encoders.load(config, source, image_size, mesh)
   if source["encoder"] == "pretrained":
-    network, variables = pretrained.load(source["workdir"], source["step"])
     description = f"pretrained ({config.linear_eval.pretrained_workdir}, step {source['step']})"
   else:
-    network, variables = pretrained.random_init(config, image_size)
     description = "random init"
   return (functools.partial(features.trunk_features_fn(network, mesh), variables),
           description)
@@ -59,76 +58,72 @@ def evaluate(config, workdir: str) -> dict:
   """Linear evaluation of linear_eval.encoder; writes and returns results.json's content."""
   lin = config.linear_eval
   # Everything that can be checked is checked before any work.
-  mesh = supervised.check_before_work(config, "linear_eval", ENCODERS, workdir)
+  mesh = loop.check_before_work(config, "linear_eval", ENCODERS, workdir)
   data = config.data.copy_and_resolve_references()
-  data.image_size = supervised.image_size(config, "linear_eval",
-                                          supervised.pretrained_config(lin))
+  data.image_size = encoders.image_size(config, "linear_eval", encoders.pretrained_config(lin))
   info = input_pipeline.dataset_info(data)
   input_pipeline.check_batch_fits(info.num_train_examples, lin.global_batch_size,
                                   "linear_eval.global_batch_size")
-  source = supervised.encoder_source(lin)
-  features_fn, description = encoder_features(config, source, data.image_size, mesh)
-  logging.info("Linear evaluation of %s at %d px: %d epochs.", description, data.image_size,
-               lin.num_epochs)
-
-  if lin.augment:
-    num_train = info.num_train_examples
-  else:  # Features of the examples that survived decoding, once.
-    train_feats, train_labels = _cached_train_split(features_fn, data, mesh)
-    num_train = len(train_labels)
-    input_pipeline.check_batch_fits(num_train, lin.global_batch_size,
-                                    "linear_eval.global_batch_size")
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, lin.global_batch_size)
-  total_steps = lin.num_epochs * steps_per_epoch
-
-  head = LinearHead(info.num_classes)
-  feature_dim = jax.eval_shape(features_fn, jax.ShapeDtypeStruct(
-      (mesh.devices.size, data.image_size, data.image_size, 3), jnp.uint8)).shape[-1]
-  lr = optax.cosine_decay_schedule(lin.base_lr * lin.global_batch_size / 256, total_steps)
-  tx = optax.chain(optax.add_decayed_weights(lin.weight_decay),
-                   optax.sgd(lr, momentum=lin.momentum))
-  variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)), train=False)
-  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  initial = jax.device_put(
-      supervised.initial_state(variables["params"], variables["batch_stats"], tx), replicated)
-  head_step = supervised.classifier_step(head.apply, tx)
-
-  def head_counts(state, feats, labels, mask):
-    logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                        feats, train=False)
-    return supervised.correct_counts(logits, labels, mask)
-
-  head_counts = jax.jit(head_counts, in_shardings=(replicated, sharded, sharded, sharded),
-                        out_shardings=replicated)
-  eval_features = []  # the frozen encoder's features of the eval split, computed once
-
-  def evaluate_head(state):
-    if not eval_features:
-      eval_features.extend(features.embedded_batches(features_fn, data, data.eval_split, mesh))
-    return supervised.accuracy(sum(head_counts(state, *batch) for batch in eval_features))
-
-  run = supervised.Run(workdir, config, "linear_eval", source)
+  source = encoders.source(lin)
+  evaluation = loop.Evaluation(workdir, config, "linear_eval", source)  # may refuse a rerun
   batches = None
   try:
-    state, history = run.restore(initial)
+    features_fn, description = encoder_features(config, source, data.image_size, mesh)
+    logging.info("Linear evaluation of %s at %d px: %d epochs.", description,
+                 data.image_size, lin.num_epochs)
+    if lin.augment:
+      num_train = info.num_train_examples
+    else:  # Features of the examples that survived decoding, once.
+      train_feats, train_labels = _cached_train_split(features_fn, data, mesh)
+      num_train = len(train_labels)
+      input_pipeline.check_batch_fits(num_train, lin.global_batch_size,
+                                      "linear_eval.global_batch_size")
+    steps_per_epoch = input_pipeline.steps_per_epoch(num_train, lin.global_batch_size)
+    total_steps = lin.num_epochs * steps_per_epoch
+
+    head = LinearHead(info.num_classes)
+    feature_dim = jax.eval_shape(features_fn, jax.ShapeDtypeStruct(
+        (mesh.devices.size, data.image_size, data.image_size, 3), jnp.uint8)).shape[-1]
+    lr = optax.cosine_decay_schedule(lin.base_lr * lin.global_batch_size / 256, total_steps)
+    tx = optax.chain(optax.add_decayed_weights(lin.weight_decay),
+                     optax.sgd(lr, momentum=lin.momentum))
+    variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)),
+                          train=False)
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    initial = jax.device_put(classifier.initial_state(
+        variables["params"], variables["batch_stats"], tx), replicated)
+    head_step = classifier.training_step(head.apply, tx)
+
+    @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded, sharded),
+                       out_shardings=replicated)
+    def head_counts(state, feats, labels, mask):
+      logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                          feats, train=False)
+      return classifier.correct_counts(logits, labels, mask)
+
+    eval_features = []  # the frozen encoder's features of the eval split, computed once
+
+    def evaluate_head(state, check):
+      if not eval_features:
+        for batch in features.apply_to_split(features_fn, data, data.eval_split, mesh):
+          eval_features.append(batch)
+          check()
+      return classifier.accuracy(sum(head_counts(state, *batch) for batch in eval_features))
+
+    state, history = evaluation.restore(initial)
     if lin.augment:
       train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
                            out_shardings=(replicated, replicated), donate_argnums=(0,))
-      batches = input_pipeline.eval_batches(
-          data, split="train", global_batch_size=lin.global_batch_size, seed=config.seed,
+      batches = input_pipeline.labelled_batches(
+          data, global_batch_size=lin.global_batch_size, seed=config.seed,
           start_step=int(state["step"]), process_index=jax.process_index(),
           process_count=jax.process_count())
 
-      def train_epoch(state, epoch):
-        """The rest of `epoch`, a step at a time."""
-        for _ in range(int(state["step"]), epoch * steps_per_epoch):
-          batch = next(batches)
-          images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
-          state, loss = train_step(state, features_fn(images), labels)
-          step = int(state["step"])  # the epoch's last step is checked after its evaluation
-          if step < epoch * steps_per_epoch:
-            run.stop_if_preempted(step, state, history)
-        return state, loss
+      def step_fn(state, batch):
+        images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
+        return train_step(state, features_fn(images), labels)
+
+      train_epoch = loop.per_step_epochs(step_fn, batches, steps_per_epoch)
     else:
       train_feats, train_labels = jax.device_put((train_feats, train_labels), replicated)
 
@@ -140,33 +135,31 @@ def evaluate(config, workdir: str) -> dict:
             order)
         return state, losses[-1]
 
-      def train_epoch(state, epoch):
+      def train_epoch(state, epoch, check):
+        del check  # one dispatch: nothing to stop in
         order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
         order = order[:steps_per_epoch * lin.global_batch_size]
         return scan_epoch(state, order.reshape(steps_per_epoch, lin.global_batch_size))
 
-    for epoch in range(int(state["step"]) // steps_per_epoch + 1, lin.num_epochs + 1):
-      state, loss = train_epoch(state, epoch)
-      step = int(state["step"])
-      run.write_epoch(step, epoch, lin.num_epochs, float(loss), float(lr(step)))
-      if epoch == lin.num_epochs or epoch % lin.eval_every_epochs == 0:
-        history.append({"epoch": epoch, **evaluate_head(state)})
-        run.log_evaluation(step, epoch, lin.num_epochs, float(loss), history[-1])
-      run.save(step, state, history)
-      if epoch < lin.num_epochs:
-        run.stop_if_preempted(step, state, history)
+    history = evaluation.train(
+        state, history, steps_per_epoch=steps_per_epoch, num_epochs=lin.num_epochs,
+        eval_every_epochs=lin.eval_every_epochs, train_epoch=train_epoch,
+        evaluate=evaluate_head, learning_rate=lr)
   finally:
     if batches is not None:
       batches.close()
-    run.close()
-  return run.write_results(supervised.summarise(
-      history, encoder=description, epochs=lin.num_epochs, image_size=data.image_size))
+    evaluation.close()
+  return evaluation.write_results(history, encoder=description, epochs=lin.num_epochs,
+                                  image_size=data.image_size)
 
 
 def _cached_train_split(features_fn, data, mesh):
   """(features [N, D], labels [N]) of the decodable centre views of the train split, on
-  every host."""
-  parts = list(features.embedded_batches(features_fn, data, data.train_split, mesh))
+  every host. SIGTERM stops it between batches (nothing to save: a rerun embeds again)."""
+  parts = []
+  for part in features.apply_to_split(features_fn, data, data.train_split, mesh):
+    parts.append(part)
+    preemption.check()
   gather = lambda i: np.concatenate([multihost_utils.process_allgather(p[i], tiled=True)
                                      for p in parts])
   feats, labels, mask = gather(0), gather(1), gather(2)

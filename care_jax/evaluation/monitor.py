@@ -40,7 +40,7 @@ class Monitor:
     """{'knn_top1', 'online_probe_top1' (those that are on), 'monitor_seconds'}."""
     start = time.monotonic()
     embed = functools.partial(
-        features.embedded_batches,
+        features.apply_to_split,
         functools.partial(self._features, {"params": state.online_params,
                                            "batch_stats": state.online_stats}),
         self._data, mesh=self._mesh)
