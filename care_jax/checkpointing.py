@@ -3,11 +3,13 @@
 A workdir is self-describing: `config.json` beside the checkpoints records the config that
 made them, so linear evaluation, conversion and `care_jax.pretrained` can rebuild the
 networks without being told the architecture. Orbax writes each step to a temporary
-directory and renames it when complete, so a crash never leaves a half-written checkpoint.
+directory and renames it when complete, so a crash never leaves a half-written checkpoint;
+one left behind by a crash or a full disk is deleted when the next run opens the manager.
 """
 import json
 import logging
 import pathlib
+import socket
 import sys
 import tempfile
 import time
@@ -51,9 +53,20 @@ def manager(workdir, *, keep: int = 3, save_every: int = 1, read_only: bool = Fa
   JSON)."""
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=0 if read_only else save_every, read_only=read_only,
-      create=not read_only,
+      create=not read_only, cleanup_tmp_directories=not read_only,
       preservation_policy=ocp.checkpoint_managers.LatestN(keep))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def newest_intact_step(workdir) -> int | None:
+  """The newest step orbax completed (renamed into place) in WORKDIR/checkpoints, read from
+  the directory itself: after a failed save, the manager's own list cannot be trusted."""
+  try:
+    steps = [int(p.name) for p in checkpoint_dir(workdir).iterdir()
+             if p.name.isdigit() and p.is_dir()]
+  except OSError:
+    return None
+  return max(steps, default=None)
 
 
 def save_config(workdir, config) -> None:
@@ -190,7 +203,8 @@ def _state_of(restored):
 def restore(mgr: ocp.CheckpointManager, abstract_state, step=None):
   """Restores the TrainState of `step` (default: the latest) into the structure and
   shardings given. An abstract state without a probe restores without reading it."""
-  step = mgr.latest_step() if step is None else step
+  if step is None:
+    step = next(iter(agreed_steps(mgr)), None)
   if step is None:
     raise CheckpointError(f"No checkpoint in {mgr.directory}.")
   return _state_of(restore_items(mgr, step, **_state_items(abstract_state)))
@@ -210,7 +224,7 @@ def resume(mgr: ocp.CheckpointManager, abstract_state):
   """
   damaged = []
   _drop_abandoned_read_reports()
-  for step in sorted(mgr.all_steps(), reverse=True):
+  for step in agreed_steps(mgr):
     try:
       state = _state_of(mgr.restore(step, args=ocp.args.Composite(
           **_state_items(abstract_state))))
@@ -242,6 +256,38 @@ def resume(mgr: ocp.CheckpointManager, abstract_state):
         "config or care_jax changed since they were written, rerun with the settings and "
         "version that wrote them, or pass a new --workdir.")
   return None
+
+
+_MAX_STEPS = 4096  # steps a workdir may list for agreed_steps (orbax keeps 3 by default)
+_HOST_BYTES = 64
+
+
+def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
+  """The checkpoint steps to try, newest first: those process 0 sees, which every process
+  must see too. A node that does not (a shared file system's lag after a requeue) stops
+  every process with one error naming its host; steps only other nodes see are ignored."""
+  steps = sorted(mgr.all_steps(), reverse=True)[:_MAX_STEPS]
+  if jax.process_count() == 1:
+    return steps
+  padded = np.full(_MAX_STEPS, -1, np.int64)
+  padded[:len(steps)] = steps
+  agreed = [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
+  missing = sorted(set(agreed) - set(steps), reverse=True)
+  host = np.zeros(_HOST_BYTES, np.uint8)
+  name = socket.gethostname().encode()[:_HOST_BYTES]
+  host[:len(name)] = np.frombuffer(name, np.uint8)
+  report = np.concatenate([[len(missing), missing[0] if missing else -1], host.astype(np.int64)])
+  reports = np.asarray(multihost_utils.process_allgather(report))
+  host_name = lambda r: bytes(r[2:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+  lagging = [(i, int(r[1]), host_name(r)) for i, r in enumerate(reports) if r[0] > 0]
+  if lagging:
+    who = "; ".join(f"process {i} on host {h} does not see step {s}" for i, s, h in lagging)
+    raise CheckpointError(
+        f"The processes do not see the same checkpoints in {mgr.directory}: process 0 sees "
+        f"steps {agreed}, but {who}. Rerun when every node sees process 0's files (a shared "
+        "file system can lag behind after a restart), and check that the workdir is on a "
+        "file system that every node shares.")
+  return agreed
 
 
 _RESTORED, _DAMAGED, _FAILED = 0, 1, 2  # ordered: the worst outcome of any process decides

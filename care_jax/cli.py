@@ -12,6 +12,8 @@ import pathlib
 import sys
 import textwrap
 
+from care_jax import errors, preemption
+
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 CONFIG_DIR = next((d for d in (_PACKAGE.parent / "configs", _PACKAGE / "configs")
                    if (d / "care.py").is_file()), _PACKAGE.parent / "configs")
@@ -27,13 +29,70 @@ def fail(message) -> None:
 
 
 def configure_logging():
-  """INFO for care_jax and the metric lines; orbax's and JAX's chatter only from WARNING."""
+  """INFO for care_jax and the metric lines; orbax's and JAX's chatter only from WARNING;
+  and none of the reports orbax's threads and asyncio print for a failed write (dozens of
+  tracebacks for one full disk): the program ends such a run with one line of its own."""
   absl_logger = logging.getLogger("absl")
   absl_logger.setLevel(logging.INFO)
   quiet = ("/orbax/", "/jax/_src/")
   absl_logger.addFilter(lambda r: r.levelno >= logging.WARNING
                         or not any(q in r.pathname for q in quiet))
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_not_a_write_failure_report)
+
+
+def _not_a_write_failure_report(record: logging.LogRecord) -> bool:
+  if "/orbax/" not in record.pathname and record.name != "asyncio":
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  text = record.getMessage()
+  return not ((error is not None and errors.write_failure(error))
+              or errors.write_failure(Exception(text)))
+
+
+def run_guarded(body, workdir) -> None:
+  """Runs body() and ends each way a run can stop short with one line and its exit status:
+  2 a setting or file to fix, 65 diverged, 74 a write failed, 75 preempted (WORKDIR/
+  PREEMPTED written, unless workdir is None: a program with no workdir of its own)."""
+  try:
+    body()
+  except errors.UserError as e:
+    fail(e)
+  except preemption.Preempted as e:
+    try:
+      if workdir is not None:
+        preemption.write_marker(workdir, str(e))
+    except OSError:  # a full disk: the exit status still says it all
+      pass
+    logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)
+    sys.exit(preemption.EXIT_STATUS)
+  except Exception as e:
+    from care_jax.training import divergence  # noqa: PLC0415  (imports jax)
+    if isinstance(e, divergence.Diverged):
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(divergence.EXIT_STATUS)
+    failure = errors.write_failure(e)
+    if failure is None:
+      raise
+    print(f"error: cannot write to {workdir}: {failure}. {_newest_checkpoints(workdir)} Free "
+          "some space (or make the file system writable again) and rerun the same command: "
+          "it resumes from there.", file=sys.stderr)
+    sys.exit(errors.WRITE_FAILED_EXIT_STATUS)
+
+
+def _newest_checkpoints(workdir) -> str:
+  """Where a rerun resumes from: the newest complete checkpoint of each run in `workdir`
+  (the demo's stages are runs of their own, one level down)."""
+  from care_jax import checkpointing  # noqa: PLC0415  (imports jax and orbax)
+  root = pathlib.Path(workdir)
+  runs = [root] + sorted(p for p in root.glob("*") if (p / "checkpoints").is_dir())
+  found = [(run, checkpointing.newest_intact_step(run)) for run in runs]
+  found = [(run, step) for run, step in found if step is not None]
+  if not found:
+    return "No checkpoint was complete yet."
+  return "Nothing saved before was touched; the newest intact checkpoint: " + ", ".join(
+      f"{checkpointing.checkpoint_dir(run) / str(step)}" for run, step in found) + "."
 
 
 def resolve_config_path(path) -> str:

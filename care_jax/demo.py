@@ -8,24 +8,30 @@ initialisation and of raw pixels, all under one protocol; (3) the accuracies, pr
 written to WORKDIR/results.json, and what they show.
 
 --max_pretrain_seconds stops the pretraining early through the trainer's preemption path
-(SIGTERM: the checkpoint of the step reached is saved), and the probes run on it, so a
-lease of fixed length always ends with results.
+(the checkpoint of the step reached is saved), and the probes run on it, so a lease of
+fixed length always ends with results.
+
+Each finished stage is recorded in WORKDIR/demo_stages.json. A SIGTERM (a scheduler's, or
+a device lease's end) stops the demo where it is with exit status 75 and WORKDIR/PREEMPTED;
+the same command then keeps the finished stages and resumes the one it was in from its
+checkpoint.
 """
-import ast
-import contextlib
-import datetime
-import json
-import os
-import pathlib
-import signal
-import sys
-import threading
-import time
+if __name__ == "__main__":  # SIGTERM is a request from the first line on
+  from care_jax import preemption as _preemption
+  _preemption.listen()
 
-import numpy as np
-from absl import app, flags
+import ast  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 
-from care_jax import cli, errors
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from care_jax import cli, errors, preemption  # noqa: E402
 
 STAGES = (
     ("pretrained", "linear_top1", "the CARE-pretrained encoder"),
@@ -72,37 +78,47 @@ def make_config(preset: str, overrides=(), pretrain_steps=None):
   return config
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float):
-  """Sends this process SIGTERM after `seconds` (0: never): train.pretrain's preemption path
-  saves the step reached and stops the loop. The handler is installed before the timer
-  starts, so a limit that runs out during the trainer's setup stops it at its first step."""
-  if seconds <= 0:
-    yield
-    return
-  from care_jax import preemption  # noqa: PLC0415  (imports jax)
-  preemption.listen()
-  timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
-  timer.daemon = True
-  timer.start()
-  try:
-    yield
-  finally:
-    timer.cancel()
-    preemption.withdraw()  # the limit ran out after the last step: not the probes' to obey
+class TimeLimit:
+  """Asks the running stage to stop, as SIGTERM does, after `seconds` (0: never), and
+  remembers that it did: a stop then is the limit's, not a scheduler's. A limit that runs
+  out during the trainer's setup stops it at its first step."""
+
+  def __init__(self, seconds: float):
+    self.seconds, self.expired = seconds, False
+    self._timer = None
+
+  def _expire(self):
+    self.expired = True
+    preemption.request()
+
+  def __enter__(self):
+    if self.seconds > 0:
+      self._timer = threading.Timer(self.seconds, self._expire)
+      self._timer.daemon = True
+      self._timer.start()
+    return self
+
+  def __exit__(self, *exc):
+    if self._timer is not None:
+      self._timer.cancel()
+    if self.expired:
+      preemption.withdraw()  # ran out after the last step: not the probes' to obey
 
 
 def pretrain(config, workdir: pathlib.Path, steps_per_epoch: int, total_steps: int,
              max_seconds: float) -> dict:
   """Pretrains; returns the epochs reached, whether the time limit stopped it, and the
-  last kNN / online-probe top-1 with the epoch they were measured at."""
-  from care_jax import plot, preemption, train  # noqa: PLC0415
-  try:
-    with time_limit(max_seconds):
+  last kNN / online-probe top-1 with the epoch they were measured at. A scheduler's SIGTERM
+  stops it (Preempted) with the checkpoint saved."""
+  from care_jax import plot, train  # noqa: PLC0415
+  with TimeLimit(max_seconds) as limit:
+    try:
       train.pretrain(config, str(workdir))
-    steps, stopped = total_steps, False
-  except preemption.Preempted as e:
-    steps, stopped = e.step, True
+      steps, stopped = total_steps, False
+    except preemption.Preempted as e:
+      if not limit.expired:
+        raise
+      steps, stopped = e.step, True
   out = {"pretrain_epochs": round(steps / steps_per_epoch, 3),
          "pretrain_scheduled_epochs": round(total_steps / steps_per_epoch, 3),
          "pretrain_stopped_by_time_limit": stopped}
@@ -115,6 +131,33 @@ def pretrain(config, workdir: pathlib.Path, steps_per_epoch: int, total_steps: i
       step, value = scalars[key][-1]
       out[key], out[key.replace("top1", "epoch")] = value, round(step / steps_per_epoch, 3)
   return out
+
+
+class StageRecord:
+  """WORKDIR/demo_stages.json: the settings of the demo in WORKDIR and what each finished
+  stage returned, written after every stage, so that a rerun keeps them."""
+
+  def __init__(self, workdir: pathlib.Path, settings: dict):
+    self._path, self.stages = workdir / "demo_stages.json", {}
+    if self._path.exists():
+      recorded = json.loads(self._path.read_text())
+      if recorded["settings"] != settings:
+        raise errors.UserError(
+            f"{workdir} holds a demo run with other settings ({recorded['settings']}); rerun "
+            "it with those to resume it, or pass a new --workdir.")
+      self.stages = recorded["stages"]
+    self._settings = settings
+
+  def finish(self, stage: str, out: dict) -> dict:
+    self.stages[stage] = out
+    _write_json(self._path, {"settings": self._settings, "stages": self.stages})
+    return out
+
+
+def _write_json(path: pathlib.Path, content: dict) -> None:
+  tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a file
+  tmp.write_text(json.dumps(content, indent=2))
+  tmp.replace(path)
 
 
 def targets_met(results: dict) -> dict:
@@ -147,8 +190,9 @@ def conclusion(results: dict, preset: str) -> list:
                  f"({100 * (ours - random_init):+.1f} points): self-supervised features need "
                  f"several epochs and this run pretrained for {epochs:g}.")
     if preset == "fmnist_demo":
-      lines.append("The README's 'What the demo shows' has the learning curve; on a GPU "
-                   "`make demo` runs 100 epochs (preset fmnist_gpu).")
+      lines.append("The README's 'What the demo shows' has the learning curve; "
+                   "--preset=fmnist_cpu runs 10.7 epochs (~45 minutes on 2 cores), and on "
+                   "a GPU `make demo` runs 100 epochs (preset fmnist_gpu).")
   if preset == "fmnist_gpu":
     met = targets_met(results)
     lines.append(f"Targets (top-1 >= {GPU_TARGETS['top1']}, +{GPU_TARGETS['over_random_init']} "
@@ -171,43 +215,51 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
   from care_jax import train  # noqa: PLC0415
   steps_per_epoch, total_steps = train.schedule_length(
       config, input_pipeline.dataset_info(config.data).num_train_examples)
+  workdir.mkdir(parents=True, exist_ok=True)
+  record = StageRecord(workdir, {"preset": preset, "overrides": list(overrides),
+                                 "pretrain_steps": pretrain_steps})
   model = config.model
-  start = time.monotonic()
+  results = {"preset": preset, "device": jax.devices()[0].device_kind,
+             "date": datetime.date.today().isoformat(),
+             "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:])}
   banner(f"1/4 Pretraining CARE ({model.arch} width {model.channels} + "
          f"{model.t_stream.num_blocks}-block T-stream, {config.precision}) on Fashion-MNIST, "
          f"{config.data.image_size} px, {total_steps / steps_per_epoch:.3g} epochs (preset "
          f"{preset}); progress, loss terms and ETA below")
-  results = {"preset": preset, "device": jax.devices()[0].device_kind,
-             "date": datetime.date.today().isoformat(),
-             "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:]),
-             **pretrain(config, workdir / "pretrain", steps_per_epoch, total_steps,
-                        max_pretrain_seconds)}
-  results["pretrain_seconds"] = round(time.monotonic() - start, 1)
+  if "pretrain" in record.stages:
+    print("Done in an earlier run of this command (demo_stages.json).", flush=True)
+  else:
+    start = time.monotonic()
+    out = pretrain(config, workdir / "pretrain", steps_per_epoch, total_steps,
+                   max_pretrain_seconds)
+    record.finish("pretrain", {**out, "pretrain_seconds": round(time.monotonic() - start, 1)})
+  results.update(record.stages["pretrain"])
   if "knn_top1" in results:
     print(f"After pretraining: kNN top-1 {results['knn_top1']:.4f}, online probe top-1 "
           f"{results.get('online_probe_top1', float('nan')):.4f} on the test images", flush=True)
   from care_jax.evaluation import linear  # noqa: PLC0415
   for i, (encoder, key, description) in enumerate(STAGES, start=2):
     banner(f"{i}/4 Linear evaluation of {description}")
-    t = time.monotonic()
-    eval_config = make_config(preset, overrides, pretrain_steps)
-    eval_config.mode = "linear_eval"
-    eval_config.linear_eval.encoder = encoder
-    eval_config.linear_eval.pretrained_workdir = str(workdir / "pretrain")
-    out = linear.evaluate(eval_config, str(workdir / f"linear_{encoder}"))
-    results[key] = out["final_top1"]
-    results[key.replace("top1", "best_top1")] = out["best_top1"]
-    results[key.replace("top1", "seconds")] = round(time.monotonic() - t, 1)
-    print(f"{description}: final top-1 {out['final_top1']:.4f} "
-          f"({time.monotonic() - t:.0f} s)", flush=True)
-  results["total_seconds"] = round(time.monotonic() - start, 1)
+    if encoder not in record.stages:
+      t = time.monotonic()
+      eval_config = make_config(preset, overrides, pretrain_steps)
+      eval_config.mode = "linear_eval"
+      eval_config.linear_eval.encoder = encoder
+      eval_config.linear_eval.pretrained_workdir = str(workdir / "pretrain")
+      out = linear.evaluate(eval_config, str(workdir / f"linear_{encoder}"))
+      record.finish(encoder, {key: out["final_top1"],
+                              key.replace("top1", "best_top1"): out["best_top1"],
+                              key.replace("top1", "seconds"): round(time.monotonic() - t, 1)})
+    results.update(record.stages[encoder])
+    print(f"{description}: final top-1 {results[key]:.4f} "
+          f"({results[key.replace('top1', 'seconds')]:.0f} s)", flush=True)
+  results["total_seconds"] = round(results["pretrain_seconds"] + sum(
+      results[key.replace("top1", "seconds")] for _, key, _ in STAGES), 1)
   if preset == "fmnist_gpu":
     results["targets_met"] = targets_met(results)
   lines = conclusion(results, preset)
   results["conclusion"] = " ".join(lines)
-  tmp = workdir / "results.json.tmp"  # a reader never sees half a file
-  tmp.write_text(json.dumps(results, indent=2))
-  tmp.replace(workdir / "results.json")
+  _write_json(workdir / "results.json", results)
   banner("Results (top-1 on the 10,000 test images, final epoch of the linear probe)")
   for _, key, description in STAGES:
     print(f"  {description:<45} {results[key]:.4f}")
@@ -225,8 +277,9 @@ def _define_flags() -> None:
   """The demo's flags, defined only when it runs as a program: care_jax.main defines
   --workdir too, and one process (the tests) imports both modules."""
   flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
-  flags.DEFINE_enum("preset", "auto", ["auto", "fmnist_gpu", "fmnist_demo"],
-                    "auto: fmnist_gpu when JAX sees a GPU, else fmnist_demo.")
+  flags.DEFINE_enum("preset", "auto", ["auto", "fmnist_gpu", "fmnist_demo", "fmnist_cpu"],
+                    "auto: fmnist_gpu when JAX sees a GPU, else fmnist_demo; fmnist_cpu: "
+                    "10.7 epochs on a CPU (~45 minutes on 2 cores).")
   flags.DEFINE_integer("pretrain_steps", None, "Override the preset's pretraining length (in "
                        "steps of the preset's batch).")
   flags.DEFINE_multi_string("set", [], "FIELD=VALUE: change a config field, e.g. "
@@ -239,10 +292,8 @@ def main(argv):
   del argv
   cli.configure_logging()
   f = flags.FLAGS
-  try:
-    run_demo(pathlib.Path(f.workdir), f.preset, f.set, f.pretrain_steps, f.max_pretrain_seconds)
-  except errors.UserError as e:
-    cli.fail(e)
+  cli.run_guarded(lambda: run_demo(pathlib.Path(f.workdir), f.preset, f.set,
+                                   f.pretrain_steps, f.max_pretrain_seconds), f.workdir)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,24 @@ evaluation of a pretrained encoder.
   python -m care_jax.main --config=configs/care.py[:preset] --workdir=DIR [--config.x=y ...]
 
 Rerunning the same command resumes from the latest checkpoint in DIR. Exit status: 0 when
-the run is complete, 2 for a setting or file to fix (one line on stderr), 75 when SIGTERM
-stopped the run after saving a checkpoint (preempted: rerun the same command to resume;
-DIR/PREEMPTED says so too, for launchers that lose the status).
+the run is complete, 2 for a setting or file to fix (one line on stderr), 65 when training
+diverged (one line: the step, the figures, what to change; nothing non-finite is saved),
+74 when a write failed (a full disk, a quota, a read-only file system: one line; rerun with
+space to resume), 75 when SIGTERM stopped the run (preempted: rerun the same command to
+resume; DIR/PREEMPTED says so too, for launchers that lose the status). SIGTERM is a
+request from the first line on: this module installs its handler before JAX loads.
 """
-import logging
-import sys
+if __name__ == "__main__":
+  from care_jax import preemption as _preemption
+  _preemption.listen()
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+import sys  # noqa: E402
 
-from care_jax import cli, errors, preemption
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from care_jax import cli, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(cli.CONFIG_FILE),
                                           "Config file, optionally with :preset (presets "
@@ -24,7 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 
 
 def run(config, workdir: str):
-  """Runs config.mode in `workdir`; raises preemption.Preempted when stopped early."""
+  """Runs config.mode in `workdir`; raises preemption.Preempted when stopped early,
+  divergence.Diverged when pretraining diverged."""
   if config.distributed:
     jax.distributed.initialize()  # cluster (SLURM, ...) detected from the environment
   if config.mode == "pretrain":
@@ -104,14 +111,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and metrics go.")
   cli.configure_logging()
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except errors.UserError as e:
-    cli.fail(e)
-  except preemption.Preempted as e:
-    preemption.write_marker(_WORKDIR.value, str(e))
-    logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)
-    sys.exit(preemption.EXIT_STATUS)
+  cli.run_guarded(lambda: run(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -18,21 +18,28 @@ from care_jax import checkpointing
 from care_jax.training import pretraining
 
 
-def load(workdir, step=None):
-  """(online CareNetwork, {"params", "batch_stats"}) of the latest (or given) checkpoint.
+def load(workdir, step=None, sharding=None):
+  """(online CareNetwork, {"params", "batch_stats"}) of the latest (or given) checkpoint,
+  restored straight onto `sharding` (e.g. replicated over a mesh; default: the first
+  device).
 
   Raises checkpointing.CheckpointError when `workdir` holds no usable checkpoint.
   """
   config = checkpointing.load_config(workdir)
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
-  state = checkpointing.restore_from_workdir(workdir, setup.abstract_state(), step)
+  abstract = setup.abstract_state()
+  if sharding is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+  state = checkpointing.restore_from_workdir(workdir, abstract, step)
   return setup.online_net, {"params": state.online_params, "batch_stats": state.online_stats}
 
 
 def latest_step(workdir) -> int:
-  """The step of the workdir's latest checkpoint (what `load` reads by default)."""
+  """The step of the workdir's latest checkpoint (what `load` reads by default), as
+  process 0 sees it (checkpointing.agreed_steps)."""
   with checkpointing.manager(workdir, read_only=True) as mgr:
-    step = mgr.latest_step()
+    step = next(iter(checkpointing.agreed_steps(mgr)), None)
   if step is None:
     raise checkpointing.CheckpointError(
         f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: pass the --workdir of a "
@@ -40,11 +47,12 @@ def latest_step(workdir) -> int:
   return step
 
 
-def random_init(config, image_size: int):
+def random_init(config, image_size: int, sharding=None):
   """(online CareNetwork, variables) of config.model at its random initialisation
-  (config.seed), built for `image_size` (the stem depends on it): the baseline encoder."""
+  (config.seed), built for `image_size` (the stem depends on it) and placed with
+  `sharding`: the baseline encoder."""
   config = config.copy_and_resolve_references()
   config.data.image_size = image_size
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
-  state = setup.init_state(jax.random.key(config.seed))
+  state = setup.init_state(jax.random.key(config.seed), sharding)
   return setup.online_net, {"params": state.online_params, "batch_stats": state.online_stats}

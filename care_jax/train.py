@@ -5,7 +5,8 @@ data stream, the schedules and the augmentation keys), so rerunning the same com
 a crash or a preemption continues exactly where the last checkpoint left off. A damaged
 latest checkpoint is moved aside and the run resumes from the newest intact one
 (checkpointing.resume). On SIGTERM the loop saves and raises preemption.Preempted, which
-the command line turns into exit status 75 ("rerun to resume").
+the command line turns into exit status 75 ("rerun to resume"). A run whose loss or state
+stops being finite stops at the next check without saving it (training.divergence).
 """
 import contextlib
 import datetime
@@ -14,11 +15,10 @@ import time
 
 import jax
 
-from care_jax import checkpointing, errors, metric_writers, parallel
+from care_jax import checkpointing, errors, metric_writers, parallel, preemption
 from care_jax.data import input_pipeline
 from care_jax.evaluation import monitor as monitor_lib
-from care_jax.preemption import Preempted, Preemption
-from care_jax.training import online_probe, pretraining
+from care_jax.training import divergence, online_probe, pretraining
 
 
 def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
@@ -35,11 +35,13 @@ def schedule_length(config, num_train_examples: int) -> tuple[int, int]:
 def pretrain(config, workdir: str) -> dict:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
-  Raises Preempted after saving, when SIGTERM stopped the run before its last step.
+  Raises Preempted after saving, when SIGTERM stopped the run before its last step, and
+  divergence.Diverged (nothing saved) when its numbers stopped being finite.
   """
-  preemption = Preemption()  # a SIGTERM during the setup stops the run at its first step
+  preemption.listen()  # a SIGTERM during the setup stops the run at its first step
   errors.check_positive(config.log_every_steps, "log_every_steps")
   checkpointing.check_workdir(workdir)
+  guard = divergence.Guard(config, workdir)  # a rerun that would diverge again stops here
   info = input_pipeline.dataset_info(config.data)
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
   mesh = parallel.create_mesh()
@@ -55,8 +57,11 @@ def pretrain(config, workdir: str) -> dict:
                               save_every=config.checkpoint_every_steps)
   try:
     if mgr.latest_step() is not None:
-      checkpointing.check_same_run(workdir, config)
+      cures = divergence.CURE_FIELDS if guard.resumed_with_cure else ()
+      checkpointing.check_same_run(workdir, config,
+                                   resumable=checkpointing.RESUMABLE_CHANGES + cures)
     checkpointing.save_config(workdir, config)
+    guard.clear()
     state = checkpointing.resume(mgr, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         setup.abstract_state()))
@@ -106,6 +111,7 @@ def pretrain(config, workdir: str) -> dict:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(period.summary(done, config.global_batch_size, steps_per_epoch))
         writer.write_scalars(done, scalars)
+        guard.check_metrics(done, scalars, mgr.latest_step())
         metrics = scalars
       if monitor is not None and monitor.due(done, total_steps):
         evaluation = monitor.evaluate(state)
@@ -115,12 +121,13 @@ def pretrain(config, workdir: str) -> dict:
             f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
             f" ({evaluation['monitor_seconds']:.0f} s)")
         metrics = {**metrics, **evaluation}
-      saved = checkpointing.save(mgr, done, state, force=done == total_steps)
-      if done < total_steps and preemption.reached(mgr, done):
-        if not saved:
-          checkpointing.save(mgr, done, state, force=True)
+      stop = done < total_steps and preemption.requested()
+      if stop or done == total_steps or mgr.should_save(done):
+        guard.check_state(done, state, metrics, mgr.latest_step())  # never save non-finite
+        checkpointing.save(mgr, done, state, force=True)
+      if stop:
         mgr.wait_until_finished()
-        raise Preempted(done)
+        raise preemption.Preempted(done)
   finally:
     if profile is not None:
       profile.close()  # a run stopped inside the profiled steps still ends its trace

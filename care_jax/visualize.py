@@ -16,18 +16,25 @@ layer4's features at (y, x); the map is the norm of that contribution at each po
 
 `--encoder=random_init` draws the same network at its random initialisation, the
 baseline to compare a trained one with.
+
+SIGTERM stops it between its stages (loading the network, the images, the maps, drawing)
+with exit status 75 and no PNG: rerun the same command.
 """
-import argparse
-import json
-import pathlib
+if __name__ == "__main__":  # SIGTERM is a request from the first line on
+  from care_jax import preemption as _preemption
+  _preemption.listen()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
 
-from care_jax import checkpointing, cli, pretrained
-from care_jax.data import augment, input_pipeline
-from care_jax.errors import UserError
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from care_jax import checkpointing, cli, preemption, pretrained  # noqa: E402
+from care_jax.data import augment, input_pipeline  # noqa: E402
+from care_jax.errors import UserError  # noqa: E402
 
 
 def load_network(workdir: str, encoder: str):
@@ -136,7 +143,9 @@ def draw(images: np.ndarray, t_maps: np.ndarray, c_maps: np.ndarray, out: str, t
   for j, name in enumerate(["image"] + [f"T head {h}" for h in range(heads)] + ["C-stream"]):
     axes[0, j].set_title(name, fontsize=8)
   fig.suptitle(title, fontsize=8)
-  fig.savefig(out, dpi=dpi)
+  tmp = pathlib.Path(out).with_name(pathlib.Path(out).name + ".tmp.png")
+  fig.savefig(tmp, dpi=dpi)  # then renamed: a stopped run leaves no half-drawn PNG
+  tmp.replace(out)
   plt.close(fig)
 
 
@@ -159,10 +168,7 @@ def main(argv=None) -> None:
   parser.add_argument("--block", type=int, default=0, help="T-stream block (0: the first)")
   parser.add_argument("--query", default="mean", help="'mean' or a query position ROW,COL")
   args = parser.parse_args(argv)
-  try:
-    _visualize(args)
-  except UserError as e:  # a workdir, dataset or argument to fix; CheckpointError too
-    cli.fail(e)
+  cli.run_guarded(lambda: _visualize(args), None)
 
 
 def _visualize(args) -> None:
@@ -171,11 +177,16 @@ def _visualize(args) -> None:
     _query_position(args.query)
   if not pathlib.Path(args.out).absolute().parent.is_dir():
     raise UserError(f"--out {args.out}: its folder does not exist.")
+  preemption.listen()
   config, network, variables = load_network(args.workdir, args.encoder)
+  preemption.check()
   images = eval_images(config.data, np.asarray(indices, np.int64))
+  preemption.check()
   attention, c_maps = stream_maps(network, variables, images, args.block)
+  preemption.check()
   t_maps = query_maps(attention, args.query)
   grid = "x".join(str(d) for d in attention.shape[2:4])
+  preemption.check()
   draw(images, t_maps, c_maps, args.out,
        f"{args.encoder} encoder of {args.workdir}: T-stream block {args.block} ({grid}), "
        f"query {args.query}")

@@ -1,15 +1,17 @@
 """care_jax.demo's choices and what it says the numbers show (the runs themselves are the
 trainer's and linear evaluation's, tested elsewhere)."""
-import signal
+import pathlib
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 from absl import flags
 
 from care_jax import demo, errors, main, preemption
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_config
 
 
 def results(ours, random_init, raw, epochs=100.0, **extra):
@@ -43,23 +45,23 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
 
 
 def test_time_limit_requests_one_stop_and_only_when_asked():
-  previous = signal.getsignal(signal.SIGTERM)
-  try:
-    with demo.time_limit(0):
-      time.sleep(0.2)
-    assert not preemption.Preemption().reached(None, 0)
-    # The limit runs out before the trainer creates its Preemption (during its setup): the
-    # request is kept, and the first step boundary honours it, once.
-    with demo.time_limit(0.02):
-      time.sleep(0.3)
-      loop = preemption.Preemption()
-      assert loop.reached(None, 1) and not loop.reached(None, 2)
-    with demo.time_limit(0.3):
-      pass  # left before the limit: no request
-    time.sleep(0.5)
-    assert not preemption.Preemption().reached(None, 0)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+  preemption.withdraw()
+  with demo.TimeLimit(0) as limit:
+    time.sleep(0.2)
+  assert not limit.expired and not preemption.requested()
+  # The limit runs out before the trainer's loop starts (during its setup): the request is
+  # kept, and the first check honours it, once.
+  with demo.TimeLimit(0.02) as limit:
+    time.sleep(0.3)
+    assert limit.expired and preemption.requested() and not preemption.requested()
+  with demo.TimeLimit(0.3) as limit:
+    pass  # left before the limit: no request
+  time.sleep(0.5)
+  assert not limit.expired and not preemption.requested()
+  # Expired after the last step: withdrawn on the way out, not the probes' to obey.
+  with demo.TimeLimit(0.02) as limit:
+    time.sleep(0.2)
+  assert limit.expired and not preemption.requested()
 
 
 def test_the_demo_and_the_main_program_import_into_one_process():
@@ -80,22 +82,68 @@ def test_unknown_field_or_a_value_of_another_type_is_refused():
     demo.make_config("fmnist_gpu", ["num_epochs=50.5"])
 
 
-def test_a_stopped_pretraining_reports_the_epoch_reached_and_its_last_monitors(
+def stopped_at_step_290(config, workdir):  # as train.pretrain does when asked to stop
+  from care_jax import metric_writers
+  writer = metric_writers.create_default_writer(workdir)
+  for step in (50, 100, 150, 200, 250):
+    writer.write_scalars(step, {"images_per_sec": 1000.0 if step == 50 else 20000.0 + step})
+  writer.write_scalars(290, {"knn_top1": 0.8, "online_probe_top1": 0.7})
+  writer.flush()
+  deadline = time.monotonic() + 5
+  while not preemption.requested():
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  raise preemption.Preempted(290)
+
+
+def test_a_pretraining_stopped_by_the_time_limit_reports_the_epoch_reached(
     tmp_path, monkeypatch):
-  from care_jax import metric_writers, preemption, train
-
-  def stopped_at_step_290(config, workdir):  # as train.pretrain does on SIGTERM
-    writer = metric_writers.create_default_writer(workdir)
-    for step in (50, 100, 150, 200, 250):
-      writer.write_scalars(step, {"images_per_sec": 1000.0 if step == 50 else 20000.0 + step})
-    writer.write_scalars(290, {"knn_top1": 0.8, "online_probe_top1": 0.7})
-    writer.flush()
-    raise preemption.Preempted(290)
-
+  from care_jax import train
   monkeypatch.setattr(train, "pretrain", stopped_at_step_290)
-  out = demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0)
+  out = demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0.05)
   assert out == {"pretrain_epochs": 5.0, "pretrain_scheduled_epochs": 100.0,
                  "pretrain_stopped_by_time_limit": True,
                  "pretrain_pairs_per_sec_median": 20175.0,  # the first period left out
                  "knn_top1": pytest.approx(0.8), "knn_epoch": 5.0,
                  "online_probe_top1": pytest.approx(0.7), "online_probe_epoch": 5.0}
+
+
+def test_a_schedulers_stop_during_pretraining_stops_the_demo(tmp_path, monkeypatch):
+  """Not the time limit's: the demo does not go on to the probes; Preempted reaches the
+  program, which exits 75."""
+  from care_jax import train
+  monkeypatch.setattr(train, "pretrain", stopped_at_step_290)
+  threading.Timer(0.05, preemption.request).start()  # as SIGTERM would
+  with pytest.raises(preemption.Preempted):
+    demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0)
+
+
+def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, monkeypatch):
+  from care_jax import train
+  from care_jax.evaluation import linear
+  calls = []
+
+  def fake_pretrain(config, workdir):
+    calls.append("pretrain")
+    pathlib.Path(workdir).mkdir()  # where its events would be
+
+  def fake_evaluate(config, workdir):
+    calls.append(config.linear_eval.encoder)
+    if config.linear_eval.encoder == "random_init" and calls.count("random_init") == 1:
+      raise preemption.Preempted(7)  # the first run is stopped in the second probe
+    return {"final_top1": 0.5, "best_top1": 0.6}
+
+  monkeypatch.setattr(train, "pretrain", fake_pretrain)
+  monkeypatch.setattr(linear, "evaluate", fake_evaluate)
+  monkeypatch.setattr(demo, "make_config", lambda *a: load_config("tiny"))
+  from care_jax.data import input_pipeline
+  monkeypatch.setattr(input_pipeline, "dataset_info", lambda data: types.SimpleNamespace(
+      num_train_examples=64))
+  with pytest.raises(preemption.Preempted):
+    demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])
+  assert calls == ["pretrain", "pretrained", "random_init"]
+  results = demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])
+  assert calls[3:] == ["random_init", "raw_pixels"]  # the finished stages were kept
+  assert results["linear_top1"] == results["raw_pixels_linear_top1"] == 0.5
+  with pytest.raises(errors.UserError, match="holds a demo run with other settings"):
+    demo.run_demo(tmp_path, "fmnist_demo", ["seed=2"])

@@ -5,11 +5,13 @@ device as the reference: the same run checks sharding and processes at once;
 test_train_step's 8-devices-against-1 test, marked slow, checks the devices alone.)"""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, relative_differences
 from tests.test_trainer import final_state
@@ -33,7 +35,18 @@ def read_record(path):
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one_device(tmp_path, image_folder):
+@pytest.fixture(scope="module")
+def monitored_folder(tmp_path_factory):
+  """32 + 128 images per class: the monitors' figures rest on 256 test images."""
+  from care_jax.data import synthetic
+  root = tmp_path_factory.mktemp("monitored")
+  synthetic.write_image_folder(str(root), splits={"train": 32, "test": 128}, height=24,
+                               width=24)
+  return str(root)
+
+
+def test_two_processes_match_one_device(tmp_path, monitored_folder):
+  image_folder = monitored_folder
   single = subprocess.run(
       [sys.executable, SCRIPT, "--workdir", str(tmp_path / "single"), "--image_folder",
        image_folder, "--record", str(tmp_path / "single.jsonl")],
@@ -53,9 +66,9 @@ def test_two_processes_match_one_device(tmp_path, image_folder):
   reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [(r["devices"], r["local_devices"]) for r in reports] == [(4, 2), (4, 2)]
   alone = json.loads(single.stdout.strip().splitlines()[-1])
-  for key in ("knn_top1", "online_probe_top1"):
+  for key in ("knn_top1", "online_probe_top1"):  # the same of 256 images, each counted once
     assert reports[0][key] == reports[1][key] == alone[key], (key, reports, alone)
-    assert 0 < alone[key] <= 1
+    assert 0 < alone[key] < 1 and (alone[key] * 256) % 1 == 0
 
   # Each process read a different half of each global batch; together, the whole batch.
   whole = read_record(tmp_path / "single.jsonl")
@@ -76,3 +89,32 @@ def test_two_processes_match_one_device(tmp_path, image_folder):
   # differed by 1.2e-5 to 1.8e-4 over runs here, so they get 1e-3.
   assert max(v for k, v in differences.items() if k != "opt_state") <= 1e-5, differences
   assert differences["opt_state"] <= 1e-3, differences
+
+
+@pytest.mark.parametrize("sees_newer", [0, 1])
+def test_processes_agree_on_the_step_to_resume_from(tmp_path, pretrained_workdir, sees_newer):
+  """Process 0 decides: when only it sees a newer step, the other process's host is named
+  in one error on both; when only another process sees one, both resume from process 0's
+  newest."""
+  workdir = tmp_path / "run"
+  shutil.copytree(pretrained_workdir, workdir)
+  newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  port = free_port()
+  processes = [subprocess.Popen(
+      [sys.executable, "tests/scripts/resume_agreement.py", "--process_id", str(i), "--port",
+       str(port), "--workdir", str(workdir), "--sees_newer", str(sees_newer)],
+      cwd=ROOT, env=env_with_devices(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  assert (newest + 2 in reports[sees_newer]["sees"]
+          and newest + 2 not in reports[1 - sees_newer]["sees"])
+  if sees_newer == 0:
+    for report in reports:
+      assert report["error"].startswith("The processes do not see the same checkpoints")
+      assert (f"process 1 on host {socket.gethostname()} does not see step {newest + 2}"
+              in report["error"])
+  else:
+    assert [r["restored"] for r in reports] == [newest, newest]

@@ -160,7 +160,7 @@ def test_the_wheel_holds_every_module_and_the_configs(tmp_path):
   assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorboard", "matplotlib"} <= core
   assert groups == {
       "data": {"tensorflow-cpu", "tensorflow-datasets", "importlib-resources", "clu"},
-      "test": {"pytest", "pytest-xdist"}, "interop": {"torch"}}
+      "test": {"pytest", "pytest-xdist", "scipy", "scikit-learn"}, "interop": {"torch"}}
   assert not core & set().union(*groups.values())
 
   site = tmp_path / "site"
