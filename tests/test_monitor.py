@@ -79,8 +79,12 @@ def test_online_probe_learns_separable_features():
   assert int(correct) > 0.9 * 256
 
 
-def test_the_online_probe_leaves_the_encoder_update_bitwise_unchanged():
+@pytest.mark.parametrize("optimised,precision", [(False, "float32"), (True, "float16")])
+def test_the_online_probe_leaves_the_encoder_update_bitwise_unchanged(optimised, precision):
+  """Also compiled with XLA's backend optimisations (which fuse the programs with and
+  without the probe each their own way) and under float16's loss scaling."""
   config = load_config("tiny")
+  config.precision = precision
   views = np.random.default_rng(1).standard_normal((2, 8, 16, 16, 3), np.float32)
   labels = np.arange(8, dtype=np.int32) % 2
   states, initial_probe = {}, None
@@ -89,17 +93,24 @@ def test_the_online_probe_leaves_the_encoder_update_bitwise_unchanged():
     setup = pretraining.build(config, steps_per_epoch=10, total_steps=20, probe=probe)
     state = setup.init_state(jax.random.key(0))
     initial_probe = jax.device_get(state.probe)
-    step = quick_compile(setup.train_step, state, (views[0], views[1]), labels)
-    for _ in range(2):  # the second step starts from the first's (probe-trained) state
+    args = (state, (views[0], views[1]), labels)
+    step = (jax.jit(setup.train_step).lower(*args).compile() if optimised
+            else quick_compile(setup.train_step, *args))
+    # Later steps start from the earlier (probe-trained) states. float16's first steps
+    # overflow at the initial loss scale of 2^16 and are skipped: more steps there.
+    skipped = []
+    for _ in range(2 if precision == "float32" else 8):
       state, metrics = step(state, (views[0], views[1]), labels)
+      skipped.append(int(metrics["skipped_step"]))
     states[name] = jax.device_get(state)
   off, on = states["off"], states["on"]
+  assert 0 in skipped[:-1]  # a step that counted, and a step after it
   assert off.probe is None and on.probe is not None
   assert "online_probe_loss" in metrics
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), on.probe.params, initial_probe.params)
   assert all(jax.tree.leaves(moved))  # the probe did train
   for part in ("step", "online_params", "online_stats", "target_params", "target_stats",
-               "opt_state", "rng"):
+               "opt_state", "rng", "loss_scale"):
     for a, b in zip(jax.tree.leaves(getattr(off, part)), jax.tree.leaves(getattr(on, part))):
       np.testing.assert_array_equal(a, b, err_msg=part)
 
