@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test test-slow lock clean
+.PHONY: setup demo test test-slow gpu-smoke lock clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -37,6 +37,24 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests || [ $$? -eq 5 ]
 
+# The GPU lease's one command (experiments/gpu_lease.py) on this CPU, in an environment
+# built like the GPU machines' (gpu-runbook): Python 3.12, jax 0.11 and what those machines
+# have, but no tensorflow, tfds, clu, ml-collections or dm-pix; the last two come from
+# wheels/ through `pip install --no-index --no-deps --target`, as on the device. `prepare`
+# fills wheels/ (and prints what a device call must carry).
+PYTHON312 ?= $(firstword $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+GPU_VENV ?= .venv-gpu-smoke
+GPU_PACKAGES := "jax==0.11.2" "flax==0.12.10" "optax==0.2.8" orbax-checkpoint chex numpy \
+	matplotlib tensorboard opencv-python-headless pillow absl-py
+
+gpu-smoke: $(FMNIST)
+	$(PYTHON312) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet $(GPU_PACKAGES)
+	$(GPU_VENV)/bin/python experiments/gpu_lease.py prepare
+	$(GPU_VENV)/bin/python experiments/gpu_lease.py --smoke --budget_s=1500 --out=runs/gpu_smoke
+
 # After upgrading on purpose (pip install -U ... in the venv) and a green `make test`:
 # pin what the venv now holds.
 lock:
@@ -45,4 +63,4 @@ lock:
 	  $(PY) -m pip freeze --all --exclude care_jax; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

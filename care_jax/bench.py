@@ -39,10 +39,10 @@ def machine_info() -> dict:
           "platform": platform.platform()}
 
 
-# Matrix rates (TFLOP/s) the step's FLOP rate is compared with, by device kind: the dense
-# bfloat16 rate measured on these cards (docs: /work/shared gpu-runbook, ~790 on H100 and
-# H200; the H100 SXM datasheet says 989). Other devices: pass --peak_tflops.
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
+# Matrix rates (TFLOP/s) the step's FLOP rate is compared with, by device kind (the first
+# name found in it): NVIDIA's datasheet dense bfloat16 rates, H100 SXM and H200 989, H100
+# PCIe 756. Other devices: pass --peak_tflops.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -240,7 +240,7 @@ def peak_tflops(device_kind: str, given: float = 0.0):
     return given, "--peak_tflops"
   for name, rate in PEAK_TFLOPS.items():
     if name in device_kind:
-      return rate, f"dense bfloat16 matrix rate measured on {name} cards (GPU runbook)"
+      return rate, f"NVIDIA's datasheet dense bfloat16 rate of the {name}"
   return None, f"unknown for {device_kind!r}: pass --peak_tflops"
 
 
@@ -414,8 +414,9 @@ def main(argv=None) -> None:
                  help="comma-separated: care, without_t_stream (in this order of timing; "
                       "peak memory is reported for the first only)")
   p.add_argument("--peak_tflops", type=float, default=0.0,
-                 help="the card's matrix rate for the fraction of peak; 0: ~790 on "
-                      "H100/H200 (measured bf16), unknown elsewhere")
+                 help="the card's matrix rate for the fraction of peak; 0: the datasheet's "
+                      "dense bf16 rate on H100 (989 SXM, 756 PCIe) and H200 (989), unknown "
+                      "elsewhere")
   p.add_argument("--profile_dir", default="",
                  help="also write a jax.profiler trace of --profile_steps steps here")
   p.add_argument("--profile_steps", type=int, default=3)

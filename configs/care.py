@@ -3,6 +3,7 @@ any field with `--config.<field>=<value>`.
 
 Presets: the 16 published settings `r50_100ep` ... `r152_800ep` (trunks r50, r50x2, r101,
 r152; 100/200/400/800 epochs), `fmnist_demo` (what `make demo` runs on a CPU),
+`fmnist_cpu` (the same for 10.7 epochs: learning seen on a CPU, ~45 minutes on 2 cores),
 `fmnist_gpu` (what it runs on a GPU: 100 epochs in minutes on one H100) and `tiny` (tests);
 fine-tuning on 1% or 10% of the labels: `finetune_1pct` and `finetune_10pct` (ImageNet),
 `fmnist_finetune_1pct` and `fmnist_finetune_10pct` (Fashion-MNIST).
@@ -16,7 +17,7 @@ EPOCHS = (100, 200, 400, 800)
 FINETUNE_PRESETS = ("finetune_1pct", "finetune_10pct", "fmnist_finetune_1pct",
                     "fmnist_finetune_10pct")
 PRESETS = (tuple(f"{t}_{e}ep" for t in TRUNKS for e in EPOCHS)
-           + ("fmnist_demo", "fmnist_gpu", "tiny") + FINETUNE_PRESETS)
+           + ("fmnist_demo", "fmnist_cpu", "fmnist_gpu", "tiny") + FINETUNE_PRESETS)
 
 
 def paper_config() -> ml_collections.ConfigDict:
@@ -98,6 +99,8 @@ def get_config(preset: str = "r50_100ep") -> ml_collections.ConfigDict:
   c = paper_config()
   if preset == "fmnist_demo":
     _fmnist_demo(c)
+  elif preset == "fmnist_cpu":
+    _fmnist_cpu(c)
   elif preset == "fmnist_gpu":
     _fmnist_gpu(c)
   elif preset == "tiny":
@@ -142,6 +145,22 @@ def _fmnist_demo(c):
                        eval_every_epochs=10)
 
 
+def _fmnist_cpu(c):
+  """The demo's network and recipe for 5,000 steps (10.7 epochs) instead of 200: about 45
+  minutes on 2 CPU cores, long enough for the encoder to pass its random initialisation
+  clearly. Monitors and checkpoints about every epoch.
+
+  Kept from the demo: measured this way (2026-12-03, issue 20), the probe reached 0.826
+  against 0.776 for random init, the kNN monitor rising from 0.60 at epoch 1 to 0.75 from
+  epoch 7.5 on. The cosine over 5,000 steps lowers LARS's lr well before the end, so the
+  demo's peak (tuned for half an epoch) does not need changing for the longer run.
+  """
+  _fmnist_demo(c)
+  c.num_train_steps = 5000
+  c.checkpoint_every_steps = 500
+  c.monitor.update(every_steps=500)
+
+
 def _fmnist_gpu(c):
   """CARE on Fashion-MNIST for 100 epochs in minutes on one GPU (bfloat16), with the kNN
   monitor and online probe every 10 epochs, then the demo's three linear probes.
@@ -160,7 +179,8 @@ def _fmnist_gpu(c):
   --config=configs/care.py:fmnist_gpu`), 3.3e15 for 100 epochs (6e6 pairs). The R50 step
   reached 132 TFLOP/s on an H100; a model this small uses the card far less well. At an
   assumed 8-16 TFLOP/s (15,000-30,000 pairs/s) 100 epochs take 3.5 to 7 minutes, which is
-  why experiments/gpu_fmnist.sh caps the pretraining time. Not yet measured on a GPU.
+  why experiments/gpu_lease.py measures the step first and sets the epochs to fit its
+  share of a lease. Not yet measured on a GPU.
   """
   _fmnist_demo(c)
   c.data.name = "fashion_mnist_idx"  # no tensorflow on the GPU machines

@@ -134,8 +134,10 @@ def test_step_figures_with_and_without_flops():
   without = bench._step_figures(global_batch=128, median=0.1, flops=None, peak=790.0)
   assert without["image_pairs_per_sec"] == 1280.0
   assert without["flops_per_image_pair"] is None and without["fraction_of_peak"] is None
-  rate, basis = bench.peak_tflops("NVIDIA H100 80GB HBM3")
-  assert rate == 790.0 and "H100" in basis
+  rate, basis = bench.peak_tflops("NVIDIA H100 80GB HBM3")  # the SXM card's name
+  assert rate == 989.0 and "H100" in basis and "datasheet" in basis
+  assert bench.peak_tflops("NVIDIA H200")[0] == 989.0
+  assert bench.peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
   assert bench.peak_tflops("cpu")[0] is None
   assert bench.peak_tflops("cpu", 0.2)[0] == 0.2
 
