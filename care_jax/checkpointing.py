@@ -258,36 +258,36 @@ def resume(mgr: ocp.CheckpointManager, abstract_state):
   return None
 
 
-_MAX_STEPS = 4096  # steps a workdir may list for agreed_steps (orbax keeps 3 by default)
+_MAX_STEPS = 1024  # steps a workdir may list for agreed_steps (orbax keeps 3 by default)
 _HOST_BYTES = 64
 
 
 def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
-  """The checkpoint steps to try, newest first: those process 0 sees, which every process
-  must see too. A node that does not (a shared file system's lag after a requeue) stops
-  every process with one error naming its host; steps only other nodes see are ignored."""
+  """The checkpoint steps to try, newest first, the same on every process. A process
+  that sees other steps than process 0 (a shared file system's lag after a requeue, on
+  either side) stops every process with one error naming its host: orbax's own view of
+  the steps decides when it saves next, so every process must have the same one."""
   steps = sorted(mgr.all_steps(), reverse=True)[:_MAX_STEPS]
   if jax.process_count() == 1:
     return steps
-  padded = np.full(_MAX_STEPS, -1, np.int64)
+  padded = np.full(_MAX_STEPS + _HOST_BYTES, -1, np.int64)
   padded[:len(steps)] = steps
-  agreed = [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
-  missing = sorted(set(agreed) - set(steps), reverse=True)
-  host = np.zeros(_HOST_BYTES, np.uint8)
   name = socket.gethostname().encode()[:_HOST_BYTES]
-  host[:len(name)] = np.frombuffer(name, np.uint8)
-  report = np.concatenate([[len(missing), missing[0] if missing else -1], host.astype(np.int64)])
-  reports = np.asarray(multihost_utils.process_allgather(report))
-  host_name = lambda r: bytes(r[2:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
-  lagging = [(i, int(r[1]), host_name(r)) for i, r in enumerate(reports) if r[0] > 0]
-  if lagging:
-    who = "; ".join(f"process {i} on host {h} does not see step {s}" for i, s, h in lagging)
+  padded[_MAX_STEPS:_MAX_STEPS + len(name)] = np.frombuffer(name, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  listed = lambda row: [int(s) for s in row[:_MAX_STEPS] if s >= 0]
+  host = lambda row: bytes(row[_MAX_STEPS:][row[_MAX_STEPS:] >= 0].astype(np.uint8)).decode(
+      errors="replace")
+  others = [(i, listed(row), host(row)) for i, row in enumerate(every)
+            if listed(row) != listed(every[0])]
+  if others:
+    who = "; ".join(f"process {i} on host {h} sees steps {s}" for i, s, h in others)
     raise CheckpointError(
         f"The processes do not see the same checkpoints in {mgr.directory}: process 0 sees "
-        f"steps {agreed}, but {who}. Rerun when every node sees process 0's files (a shared "
-        "file system can lag behind after a restart), and check that the workdir is on a "
-        "file system that every node shares.")
-  return agreed
+        f"steps {listed(every[0])}, but {who}. Rerun when every node sees the same files (a "
+        "shared file system can lag behind after a restart), and check that the workdir is "
+        "on a file system that every node shares.")
+  return steps
 
 
 _RESTORED, _DAMAGED, _FAILED = 0, 1, 2  # ordered: the worst outcome of any process decides

@@ -75,9 +75,13 @@ def run_guarded(body, workdir) -> None:
     failure = errors.write_failure(e)
     if failure is None:
       raise
-    print(f"error: cannot write to {workdir}: {failure}. {_newest_checkpoints(workdir)} Free "
-          "some space (or make the file system writable again) and rerun the same command: "
-          "it resumes from there.", file=sys.stderr)
+    if workdir is None:
+      print(f"error: {failure}. Free some space (or make the file system writable again) "
+            "and rerun the same command.", file=sys.stderr)
+    else:
+      print(f"error: cannot write to {workdir}: {failure}. {_newest_checkpoints(workdir)} "
+            "Free some space (or make the file system writable again) and rerun the same "
+            "command: it resumes from there.", file=sys.stderr)
     sys.exit(errors.WRITE_FAILED_EXIT_STATUS)
 
 

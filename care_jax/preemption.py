@@ -13,7 +13,9 @@ Process 0 also leaves MARKER in the workdir, for launchers that cannot rely on t
 status (under `srun --kill-on-bad-exit`, the other processes may be killed first and srun
 reports their signal: experiments/slurm.sbatch).
 
-Imports no JAX at module level: main.py installs the handler before JAX loads.
+Imports no JAX at module level: main.py installs the handler before JAX loads. In a
+distributed run jax.distributed's own notifier takes the signal over, and every process
+stops at the same step (requested).
 """
 import pathlib
 import signal
@@ -25,7 +27,7 @@ MARKER = "PREEMPTED"
 
 # Set by SIGTERM once listen() has run; cleared when a stop acts on it (or by withdraw()).
 _requested = threading.Event()
-_sync_points = 0  # with several processes: the count of requested() calls, equal on all
+_shared_early_request = False  # in a distributed run: whether the flag above was shared yet
 
 
 class Preempted(Exception):
@@ -70,15 +72,29 @@ def withdraw() -> None:
   _requested.clear()
 
 
-def requested() -> bool:
-  """Whether a stop was requested; True once per request. With several processes all of
-  them must call this at the same points, and all get the same answer there."""
+def requested(mgr=None, step: int | None = None) -> bool:
+  """Whether a stop was requested; True once per request.
+
+  In a distributed run (jax.distributed, which owns the signal there) the answer is the
+  same on every process: it is asked at each step, with the step and the orbax manager
+  whose sync point it shares (`mgr.reached_preemption`, as orbax's own saves ask it), and
+  elsewhere (mgr None: between batches of a pass) it is False, so such runs stop at their
+  next step. A SIGTERM that came before jax.distributed started is shared at the first
+  call."""
   import jax  # noqa: PLC0415  (the module imports no JAX: main.py loads it first)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    global _sync_points
-    _sync_points += 1
-    return multihost_utils.reached_preemption_sync_point(_sync_points)
+  if jax.distributed.is_initialized():
+    if mgr is None:
+      return False
+    global _shared_early_request
+    if not _shared_early_request:
+      import numpy as np  # noqa: PLC0415
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      _shared_early_request = True
+      flags = multihost_utils.process_allgather(np.int32(_requested.is_set()))
+      if np.asarray(flags).any():
+        _requested.clear()
+        return True
+    return mgr.reached_preemption(step)
   if not _requested.is_set():
     return False
   _requested.clear()
@@ -87,7 +103,7 @@ def requested() -> bool:
 
 def check() -> None:
   """Raises Preempted (nothing to save) if a stop was requested: for stages whose work is
-  recomputed on a rerun, such as a pass over a split."""
+  recomputed on a rerun, such as a pass over a split (single-process runs; see requested)."""
   if requested():
     raise Preempted()
 

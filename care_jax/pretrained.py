@@ -36,8 +36,8 @@ def load(workdir, step=None, sharding=None):
 
 
 def latest_step(workdir) -> int:
-  """The step of the workdir's latest checkpoint (what `load` reads by default), as
-  process 0 sees it (checkpointing.agreed_steps)."""
+  """The step of the workdir's latest checkpoint (what `load` reads by default), the same
+  on every process (checkpointing.agreed_steps)."""
   with checkpointing.manager(workdir, read_only=True) as mgr:
     step = next(iter(checkpointing.agreed_steps(mgr)), None)
   if step is None:

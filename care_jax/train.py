@@ -61,10 +61,10 @@ def pretrain(config, workdir: str) -> dict:
       checkpointing.check_same_run(workdir, config,
                                    resumable=checkpointing.RESUMABLE_CHANGES + cures)
     checkpointing.save_config(workdir, config)
-    guard.clear()
     state = checkpointing.resume(mgr, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         setup.abstract_state()))
+    guard.clear()  # resumed (or started) under the new settings
   except Exception:
     mgr.close()  # an open manager's threads would fail noisily at exit
     raise
@@ -121,7 +121,7 @@ def pretrain(config, workdir: str) -> dict:
             f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
             f" ({evaluation['monitor_seconds']:.0f} s)")
         metrics = {**metrics, **evaluation}
-      stop = done < total_steps and preemption.requested()
+      stop = done < total_steps and preemption.requested(mgr, done)
       if stop or done == total_steps or mgr.should_save(done):
         guard.check_state(done, state, metrics, mgr.latest_step())  # never save non-finite
         checkpointing.save(mgr, done, state, force=True)

@@ -144,9 +144,12 @@ def draw(images: np.ndarray, t_maps: np.ndarray, c_maps: np.ndarray, out: str, t
     axes[0, j].set_title(name, fontsize=8)
   fig.suptitle(title, fontsize=8)
   tmp = pathlib.Path(out).with_name(pathlib.Path(out).name + ".tmp.png")
-  fig.savefig(tmp, dpi=dpi)  # then renamed: a stopped run leaves no half-drawn PNG
-  tmp.replace(out)
-  plt.close(fig)
+  try:
+    fig.savefig(tmp, dpi=dpi)  # then renamed: a stopped run leaves no half-drawn PNG
+    tmp.replace(out)
+  finally:
+    tmp.unlink(missing_ok=True)
+    plt.close(fig)
 
 
 def entropy_per_head(attention: np.ndarray) -> list:

@@ -62,7 +62,7 @@ def test_a_diverging_run_stops_keeps_finite_checkpoints_and_resumes_with_a_lower
     assert f"Resumed from step {max(states)} of 12" in cured.stderr
   if cured.returncode == 65:
     assert "(--config.optimizer.base_lr, now 0.05)" in cured.stderr.strip().splitlines()[-1]
-    assert divergence.read_marker(tmp_path)["settings"]["optimizer"]["base_lr"] == 0.05
+    assert divergence.read_marker(tmp_path)["settings"]["optimizer.base_lr"] == 0.05
   else:
     assert max(checkpoint_states(tmp_path)) == 12
     assert not (tmp_path / divergence.MARKER).exists()

@@ -78,10 +78,10 @@ def test_finetuning_learns_trains_the_trunk_and_resumes_exactly(
   # Stopped after step 8 of 18 (mid-epoch 2, as SIGTERM stops it), then rerun: the same.
   check = loop.Evaluation._stop_if_requested
 
-  def stop_after_step_8(self, state, history):
+  def stop_after_step_8(self, state, history, **kwargs):
     if int(state["step"]) == 8:
       preemption.request()  # what SIGTERM does
-    return check(self, state, history)
+    return check(self, state, history, **kwargs)
 
   monkeypatch.setattr(loop.Evaluation, "_stop_if_requested", stop_after_step_8)
   with pytest.raises(preemption.Preempted, match="checkpoint of step 8"):

@@ -92,10 +92,11 @@ def test_two_processes_match_one_device(tmp_path, monitored_folder):
 
 
 @pytest.mark.parametrize("sees_newer", [0, 1])
-def test_processes_agree_on_the_step_to_resume_from(tmp_path, pretrained_workdir, sees_newer):
-  """Process 0 decides: when only it sees a newer step, the other process's host is named
-  in one error on both; when only another process sees one, both resume from process 0's
-  newest."""
+def test_processes_that_see_different_steps_stop_naming_the_host(tmp_path, pretrained_workdir,
+                                                                 sees_newer):
+  """One process sees a newer step than the other (a shared file system's lag, on either
+  side): both stop with one error naming the host of the process that differs from
+  process 0, instead of resuming from different steps or hanging."""
   workdir = tmp_path / "run"
   shutil.copytree(pretrained_workdir, workdir)
   newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -111,10 +112,6 @@ def test_processes_agree_on_the_step_to_resume_from(tmp_path, pretrained_workdir
   reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert (newest + 2 in reports[sees_newer]["sees"]
           and newest + 2 not in reports[1 - sees_newer]["sees"])
-  if sees_newer == 0:
-    for report in reports:
-      assert report["error"].startswith("The processes do not see the same checkpoints")
-      assert (f"process 1 on host {socket.gethostname()} does not see step {newest + 2}"
-              in report["error"])
-  else:
-    assert [r["restored"] for r in reports] == [newest, newest]
+  for report in reports:
+    assert report["error"].startswith("The processes do not see the same checkpoints")
+    assert f"process 1 on host {socket.gethostname()} sees steps [" in report["error"]

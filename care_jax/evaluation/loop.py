@@ -112,7 +112,8 @@ class Evaluation:
     return history
 
   def _evaluate(self, state, history, epoch, num_epochs, loss, evaluate) -> None:
-    evaluation = evaluate(state, lambda: self._stop_if_requested(state, history))
+    evaluation = evaluate(state, lambda: self._stop_if_requested(state, history,
+                                                                  between_steps=False))
     history.append({"epoch": epoch, **evaluation})
     step = int(state["step"])
     self._writer.write_scalars(step, {"top1": evaluation["top1"], "top5": evaluation["top5"]})
@@ -125,12 +126,13 @@ class Evaluation:
     self._mgr.save(int(state["step"]), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
-  def _stop_if_requested(self, state, history) -> None:
+  def _stop_if_requested(self, state, history, between_steps: bool = True) -> None:
     """On SIGTERM: checkpoints the state (unless its step is saved already) and raises
-    Preempted."""
-    if not preemption.requested():
-      return
+    Preempted. Between batches of an evaluation (not between steps), only single-process
+    runs stop: preemption.requested."""
     step = int(state["step"])
+    if not preemption.requested(self._mgr if between_steps else None, step):
+      return
     if self._mgr.latest_step() != step:
       self._save(state, history)
     self._mgr.wait_until_finished()

@@ -11,7 +11,9 @@ Checks, with no device sync the loop does not already make:
 
 On divergence WORKDIR/DIVERGED records the step, the figures and the settings. A rerun
 with the same settings gives the same line, before any work; one that changes CURE_FIELDS
-(a lower learning rate, another precision) resumes from the newest checkpoint with them.
+(a lower learning rate, a longer warm-up, ...) resumes from the newest checkpoint with
+them. They are the settings that leave the state's structure as it is: another optimiser,
+or float16 on either side of a change of precision, would not restore.
 """
 import json
 import math
@@ -24,7 +26,8 @@ EXIT_STATUS = 65  # EX_DATAERR in sysexits.h: the run's numbers went bad; change
 MARKER = "DIVERGED"
 MIN_LOSS_SCALE = 1.0
 # Settings a rerun may change to resume a diverged run from its newest checkpoint.
-CURE_FIELDS = ("optimizer", "precision")
+CURE_FIELDS = ("optimizer.base_lr", "optimizer.warmup_epochs", "optimizer.weight_decay",
+               "optimizer.momentum")
 _TERMS = ("loss", "c_loss", "t_loss", "cross_loss")
 
 
@@ -92,8 +95,8 @@ class Guard:
     else:
       keep = (f"Nothing non-finite was saved: the newest checkpoint, step "
               f"{newest_checkpoint}, is finite. To resume from it, rerun with a lower "
-              f"learning rate (--config.optimizer.base_lr, now {lr:g}) or another "
-              "--config.precision")
+              f"learning rate (--config.optimizer.base_lr, now {lr:g}) or a longer warm-up "
+              "(--config.optimizer.warmup_epochs)")
     message = (f"Training diverged at step {step}: {why}; {_figures(scalars)}. {keep}; or "
                "pass a new --workdir to start over.")
     if jax.process_index() == 0:
@@ -121,5 +124,12 @@ def read_marker(workdir) -> dict | None:
 
 
 def _cure_settings(config) -> dict:
-  flat = json.loads(config.to_json())
-  return {field: flat.get(field) for field in CURE_FIELDS}
+  """The CURE_FIELDS' values, by dotted name."""
+  settings = json.loads(config.to_json())
+  out = {}
+  for field in CURE_FIELDS:
+    value = settings
+    for part in field.split("."):
+      value = value.get(part) if isinstance(value, dict) else None
+    out[field] = value
+  return out
