@@ -79,9 +79,9 @@ def adjust_saturation(image, factor):
 
 def adjust_hue(image, delta):
   """The hue turned by `delta` of a full turn, in HSV, as torchvision's adjust_hue on a
-  PIL image: that shifts PIL's 256-level uint8 hue by int(delta * 255) levels, so the turn
-  is truncated to whole levels here too (float HSV otherwise, via dm-pix)."""
-  turn = jnp.trunc(delta * 255.) / 256.
+  PIL image: that shifts PIL's uint8 hue (255 levels a turn) by int(delta * 255) levels,
+  so the turn is truncated to whole levels here too (float HSV otherwise, via dm-pix)."""
+  turn = jnp.trunc(delta * 255.) / 255.
   return _clip(pix.adjust_hue(image, turn))
 
 
