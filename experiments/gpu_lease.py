@@ -20,8 +20,10 @@ leaves it, never the next one's):
   r50      the R50 step at 224 px in bfloat16, 128 pairs per GPU (FLOPs per pair, fraction
            of the card's dense bf16 peak, memory), and the release's AMP step beside it
            (from external/CARE; skipped with a message if absent);
-  extras   if time remains: bfloat16 at 256, float16's peak memory with and without
-           autotuning, a profile trace of under 15 MiB.
+  extras   if time remains, each only when its estimate fits what is left (in a lease
+           whose earlier stages used their windows, only the first): a profile trace of
+           under 15 MiB, bfloat16 at 256, float16's peak memory with and without
+           autotuning.
 
 Writes under --out: lease.json (every figure, rewritten after each stage), lease.log,
 results.json (the demo's), learning_curve.png, attention_trained.png,
@@ -52,10 +54,10 @@ FMNIST_FILES = "/usr/share/datasets/fashion-mnist"
 CARRY_LIMIT_BYTES = 64 * 2**20  # what a device call carries, all paths together
 # The stages' windows, in seconds from the start, for the default --budget_s of 540 (they
 # scale with it, as do the two below).
-WINDOWS = {"env": 30, "fmnist": 360, "r50": 500, "extras": 540}
+WINDOWS = {"env": 30, "fmnist": 340, "r50": 500, "extras": 540}
 # Of the fmnist window: the calibration, the pretraining (compilation included), the three
 # probes after it, and the curve and the two maps (a process each) at the end.
-FMNIST_CALIBRATION_S, FMNIST_PRETRAIN_S, FMNIST_PROBES_S, FMNIST_DRAWINGS_S = 45, 170, 60, 55
+FMNIST_CALIBRATION_S, FMNIST_PRETRAIN_S, FMNIST_PROBES_S, FMNIST_DRAWINGS_S = 45, 160, 55, 50
 FMNIST_TRAIN_EXAMPLES, FMNIST_BATCH = 60000, 1024
 # The pretraining's expected rate is this fraction of the calibrated step's: compilation,
 # the host input, monitors and checkpoints take the rest (estimated, not measured on a GPU).
@@ -170,18 +172,20 @@ def fmnist_stage(lease: Lease, env: dict, smoke: bool) -> dict:
           f"--set=monitor.every_steps={max(1, epochs * steps_per_epoch // 10)}"]
   if smoke:
     sets += SMOKE_SETS
-  code, stdout, stderr = lease.command(
-      [sys.executable, "-m", "care_jax.demo", "--preset=fmnist_gpu", f"--workdir={workdir}",
-       *sets, f"--max_pretrain_seconds={pretrain_s:.0f}"],
+  code = terminated_in_time(
+      lease, [sys.executable, "-m", "care_jax.demo", "--preset=fmnist_gpu",
+              f"--workdir={workdir}", *sets, f"--max_pretrain_seconds={pretrain_s:.0f}"],
       env, lease.until("fmnist") - lease.scaled(FMNIST_DRAWINGS_S))
   out["demo_exit_status"] = code
   results_path = os.path.join(workdir, "results.json")
+  stages_path = os.path.join(workdir, "demo_stages.json")
   if os.path.isfile(results_path):
     shutil.copy(results_path, lease.out)
     with open(results_path) as f:
       out["results"] = json.load(f)
-  else:
-    out["demo_last_line"] = (stderr.strip().splitlines() or ["(no output)"])[-1][:500]
+  elif os.path.isfile(stages_path):  # stopped in a probe: the stages it finished
+    with open(stages_path) as f:
+      out["finished_stages"] = json.load(f)["stages"]
   card = (lease.report["stages"].get("env", {}).get("nvidia_smi") or "a CPU").split(",")[0]
   pretrain_dir = os.path.join(workdir, "pretrain")
   baselines = [f"--results={results_path}"] if os.path.isfile(results_path) else []
@@ -199,13 +203,31 @@ def fmnist_stage(lease: Lease, env: dict, smoke: bool) -> dict:
   return out
 
 
+def terminated_in_time(lease: Lease, args, env, seconds: float, grace: float = 15) -> int:
+  """Runs args with output to the log; SIGTERM `grace` seconds before `seconds` run out (the
+  demo then stops where it is and keeps its finished stages), SIGKILL at the end."""
+  lease.say("$ " + " ".join(args))
+  process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=lease.log,
+                             stderr=subprocess.STDOUT)
+  try:
+    return process.wait(timeout=max(1, seconds - grace))
+  except subprocess.TimeoutExpired:
+    process.terminate()
+  try:
+    return process.wait(timeout=grace)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    return process.wait()
+
+
 def bench_stage(lease: Lease, env: dict, smoke: bool, stage: str, names: list) -> dict:
   """gpu_bench's measurements `names`, in order, each only if it fits in `stage`'s window."""
   trace_dir = tempfile.mkdtemp(prefix="care_jax_trace_")
   release_there = os.path.isfile(os.path.join(ROOT, "external", "CARE", "models",
                                               "care_module.py"))
   results = {}
-  for item in (i for i in gpu_bench.PLAN if i["name"] in names):
+  for item in sorted((i for i in gpu_bench.PLAN if i["name"] in names),
+                     key=lambda i: names.index(i["name"])):
     name, left = item["name"], lease.until(stage)
     if item["kind"] == "release" and not release_there:
       results[name] = {"error": "skipped: no release checkout in external/CARE"}
@@ -250,8 +272,8 @@ def main(argv=None):
   lease.record("r50", bench_stage(lease, env, args.smoke, "r50",
                                   ["jax_bf16_b128", "release_fp16_b128"]))
   extras = bench_stage(lease, env, args.smoke, "extras",
-                       ["jax_bf16_b256", "jax_f16_b128", "jax_f16_b128_autotune_off",
-                        "jax_bf16_b128_profiled"])
+                       ["jax_bf16_b128_profiled", "jax_bf16_b256", "jax_f16_b128",
+                        "jax_f16_b128_autotune_off"])
   lease.record("extras", extras)
   measured = {**lease.report["stages"]["r50"], **extras}
   with open(os.path.join(lease.out, "gpu_bench.md"), "w") as f:  # the measurements' table
