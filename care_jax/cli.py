@@ -11,6 +11,7 @@ import logging
 import pathlib
 import sys
 import textwrap
+import warnings
 
 from care_jax import errors, preemption
 
@@ -75,6 +76,10 @@ def run_guarded(body, workdir) -> None:
     failure = errors.write_failure(e)
     if failure is None:
       raise
+    # The writes orbax had queued are abandoned: their coroutines, collected at exit, would
+    # each warn that they were never awaited, below the one line that says what happened.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     if workdir is None:
       print(f"error: {failure}. Free some space (or make the file system writable again) "
             "and rerun the same command.", file=sys.stderr)

@@ -8,6 +8,7 @@ training diverged (training/divergence.py), 74 a write failed (WriteFailure: dis
 quota, read-only file system), 75 preempted (preemption.py).
 """
 import errno
+import os
 
 WRITE_FAILED_EXIT_STATUS = 74  # EX_IOERR
 
@@ -44,7 +45,10 @@ def write_failure(error: BaseException) -> str | None:
       reason = next((_WRITE_ERRNOS[code] for words, code in _WRITE_WORDS.items()
                      if words in str(error)), None)
     if reason is not None:
-      where = getattr(error, "filename", None) or _quoted_path(str(error))
+      where = (getattr(error, "filename", None) or _quoted_path(str(error))
+               or _path_written(error))
+      if where and ".orbax-checkpoint-tmp" in str(where):
+        where = str(where).split(".orbax-checkpoint-tmp")[0]  # the checkpoint being saved
       return f"writing {where} failed ({reason})" if where else f"a write failed ({reason})"
     error = error.__cause__ or error.__context__
   return None
@@ -54,5 +58,22 @@ def _quoted_path(text: str) -> str | None:
   """The first absolute path quoted in an error message (TensorStore quotes its files)."""
   for part in text.split('"')[1::2]:
     if part.startswith("/"):
-      return part.split(".orbax-checkpoint-tmp")[0] if ".orbax-checkpoint-tmp" in part else part
+      return part
+  return None
+
+
+def _path_written(error: BaseException) -> str | None:
+  """The path a failed write was writing, read from the innermost frame of its traceback
+  that holds one: a file object's write() raises OSError(ENOSPC) without a filename (etils'
+  Path.write_text, which orbax uses for its metadata, does)."""
+  frames = []
+  traceback = error.__traceback__
+  while traceback is not None:
+    frames.append(traceback.tb_frame)
+    traceback = traceback.tb_next
+  for frame in reversed(frames):
+    for name in ("self", "path", "filename"):
+      value = frame.f_locals.get(name)
+      if isinstance(value, os.PathLike):
+        return os.fspath(value)
   return None
