@@ -107,6 +107,14 @@ def last_json(stdout: str):
   return None
 
 
+def child_env() -> dict:
+  """The environment of the measured commands: this checkout importable, output
+  unbuffered (a killed command still leaves its lines), XLA's compilation cache shared."""
+  return dict(os.environ, PYTHONUNBUFFERED="1",
+              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+              JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "care_jax_xla"))
+
+
 def ensure_packages(run: Run, env: dict) -> str:
   """Installs the wheels in wheels/ into a folder on PYTHONPATH when the packages they
   provide are missing; returns what it did."""
@@ -224,9 +232,7 @@ def main(argv=None):
     sys.exit(f"error: --only names no measurement {', '.join(sorted(unknown))}; choose from "
              f"{', '.join(item['name'] for item in PLAN)}.")
   run = Run(args.out, args.budget_s)
-  env = dict(os.environ, PYTHONUNBUFFERED="1",
-             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-             JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "care_jax_xla"))
+  env = child_env()
   report = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "smoke": args.smoke, "packages": ensure_packages(run, env)}
   report["environment"] = environment(run, env)

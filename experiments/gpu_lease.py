@@ -262,9 +262,7 @@ def main(argv=None):
                       help="the same stages, shrunk: checks this command on a CPU")
   args = parser.parse_args(argv)
   lease = Lease(args.out, args.budget_s)
-  env = dict(os.environ, PYTHONUNBUFFERED="1",
-             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-             JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "care_jax_xla"))
+  env = gpu_bench.child_env()
   lease.report["smoke"] = args.smoke
   lease.report["packages"] = gpu_bench.ensure_packages(lease, env)
   lease.record("env", env_stage(lease, env))
