@@ -11,8 +11,10 @@ setup: $(VENV)/.installed $(FMNIST)
 # requirements*.txt give the ranges care_jax works with; constraints.txt pins the exact
 # versions CI last passed with (torch as its CPU build), so a fresh machine gets those.
 # care_jax itself is installed editable: `import care_jax` and `python -m care_jax.main`
-# work from any directory.
-$(VENV)/.installed: $(wildcard requirements*.txt) constraints.txt pyproject.toml
+# work from any directory; that also compiles its one C module (setup.py), so the venv
+# is remade when that changes.
+$(VENV)/.installed: $(wildcard requirements*.txt) constraints.txt pyproject.toml setup.py \
+		care_jax/data/_resample.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools -c constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt -c constraints.txt
