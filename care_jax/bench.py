@@ -171,7 +171,7 @@ def bench_input(args) -> dict:
   import cv2
   import PIL
 
-  from care_jax.data import input_pipeline, sources, synthetic
+  from care_jax.data import input_pipeline, sources, synthetic, views
   from care_jax.data.errors import DataError
 
   if args.release_images < 0:
@@ -220,7 +220,8 @@ def bench_input(args) -> dict:
             "examples_replaced_while_timed": replaced,
             "source_size_example": _example_size(paths),
             "seconds": None if seconds is None else round(seconds, 2),
-            "opencv": cv2.__version__, "pillow": PIL.__version__, **machine_info()}
+            "resampler": views.resampler(), "opencv": cv2.__version__,
+            "pillow": PIL.__version__, **machine_info()}
   if error:
     result["error"] = error
   return result

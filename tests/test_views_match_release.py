@@ -171,7 +171,8 @@ def test_crop_and_resize_is_the_release_crop():
 
 
 def test_enlarging_resize_is_pil_bilinear():
-  """Crops smaller than the view take OpenCV's resize: the same filter as PIL's there."""
+  """Crops smaller than the view (also with OpenCV's resize, where care_jax's compiled
+  resampler is not built: the same filter as PIL's there)."""
   image = photos()["flower"]
   for height, width in ((150, 150), (224, 97), (60, 200)):
     crop = np.ascontiguousarray(image[100:100 + height, 200:200 + width])

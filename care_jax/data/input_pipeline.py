@@ -17,6 +17,7 @@ bad example is named in the log the first time this process meets it, then only 
 """
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import math
@@ -139,6 +140,15 @@ def _centre_view(source: sources.Source, index: int, image_size: int):
     return None
 
 
+@functools.cache
+def _warn_if_pillow_resizes() -> None:
+  """Once per process: without the compiled resampler the host resizes ~6x slower."""
+  if views._resample is None:
+    logging.warning("Crops are resized by Pillow itself, ~6x slower than by care_jax's "
+                    "compiled resampler (the same pixels), which was not built: install a C "
+                    "compiler and reinstall care_jax (`pip install -e .` in the checkout).")
+
+
 def _prefetched(steps: Iterable[int], jobs: Callable[[int], list[Callable]],
                 assemble: Callable[[list], dict], num_workers: int) -> Iterator[dict]:
   """Runs each step's per-example jobs on a thread pool, _PREFETCH_STEPS steps ahead.
@@ -182,6 +192,8 @@ def random_view_batches(source: sources.Source, *, num_views: int, image_size: i
     return _prefetched(itertools.count(start_step), *array_pipeline.view_jobs(
         source, order, slots, seed=seed, num_views=num_views, image_size=image_size,
         min_scale=min_scale, num_workers=num_workers), num_workers)
+
+  _warn_if_pillow_resizes()
 
   def jobs(step):
     indices = order.global_batch(step)
@@ -263,6 +275,7 @@ def centre_view_batches(config, split_name: str, *, global_batch_size: int,
     source = sources.SubsetSource(source, indices)
   size = config.image_size
   num_steps = math.ceil(len(source) / global_batch_size)
+  _warn_if_pillow_resizes()
 
   def jobs(step):
     positions = [step * global_batch_size + slot for slot in slots]
