@@ -1,6 +1,7 @@
 """Two processes x 2 CPU devices (jax.distributed, localhost coordinator, gloo) train to the
 same state as one process on one device, each reading its own half of every batch, and
-their kNN monitor and online probe, sharded over both, report the same accuracies. (One
+their kNN monitor and online probe, sharded over both, report the same accuracies (to one
+near-tie image against one device, whose state agrees only to float rounding). (One
 device as the reference: the same run checks sharding and processes at once;
 test_train_step's 8-devices-against-1 test, marked slow, checks the devices alone.)"""
 import json
@@ -66,9 +67,14 @@ def test_two_processes_match_one_device(tmp_path, monitored_folder):
   reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
   assert [(r["devices"], r["local_devices"]) for r in reports] == [(4, 2), (4, 2)]
   alone = json.loads(single.stdout.strip().splitlines()[-1])
-  for key in ("knn_top1", "online_probe_top1"):  # the same of 256 images, each counted once
-    assert reports[0][key] == reports[1][key] == alone[key], (key, reports, alone)
-    assert 0 < alone[key] < 1 and (alone[key] * 256) % 1 == 0
+  # Of the same 256 images, each counted once (a whole number of 256ths). The processes
+  # agree exactly; one device trains to their state only up to float rounding (checked
+  # below), which can flip one near-tie image of the kNN or the probe.
+  for key in ("knn_top1", "online_probe_top1"):
+    assert reports[0][key] == reports[1][key], (key, reports)
+    assert abs(reports[0][key] - alone[key]) <= 1 / 256, (key, reports, alone)
+    for value in (alone[key], reports[0][key]):
+      assert 0 < value < 1 and (value * 256) % 1 == 0, (key, value)
 
   # Each process read a different half of each global batch; together, the whole batch.
   whole = read_record(tmp_path / "single.jsonl")
@@ -83,12 +89,17 @@ def test_two_processes_match_one_device(tmp_path, monitored_folder):
   assert int(a.step) == int(b.step) == 2
   np.testing.assert_array_equal(a.rng, b.rng)
   differences = relative_differences(a, b)
-  # Weights, BN statistics and target agree to float32 rounding (<= 1e-5). The momentum
+  # BN statistics and the target agree to float32 rounding (<= 1e-5). The momentum
   # buffers are raw gradient sums of this tiny net (norm ~150 with lambda = 100, BN over 8
-  # images), summed by gloo across processes in another order than XLA within one; they
-  # differed by 1.2e-5 to 1.8e-4 over runs here, so they get 1e-3.
-  assert max(v for k, v in differences.items() if k != "opt_state") <= 1e-5, differences
-  assert differences["opt_state"] <= 1e-3, differences
+  # images), which magnifies the rounding of summing over 4 devices instead of 1: with the
+  # views of 2026-12-04 they were 3.9e-3 apart and the online weights (moved by lr x those
+  # buffers) 1.9e-5, 0.16% of the two steps' update of 1.2%; one process with 4 devices
+  # gave the same against one device, and agreed with the two processes to 2.8e-5 and
+  # 1.6e-7 (so processes and gloo add nothing). The weights' bound stays two orders under
+  # the steps' update.
+  loose = {"opt_state": 1e-2, "online_params": 1e-4}
+  for part, difference in differences.items():
+    assert difference <= loose.get(part, 1e-5), differences
 
 
 @pytest.mark.parametrize("sees_newer", [0, 1])
