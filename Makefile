@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test test-slow gpu-smoke lock clean
+.PHONY: setup demo test test-slow gpu-smoke lock clean c-compiler
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -14,12 +14,22 @@ setup: $(VENV)/.installed $(FMNIST)
 # work from any directory; that also compiles its one C module (setup.py), so the venv
 # is remade when that changes.
 $(VENV)/.installed: $(wildcard requirements*.txt) constraints.txt pyproject.toml setup.py \
-		care_jax/data/_resample.c
+		care_jax/data/_resample.c | c-compiler
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools -c constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# The C module (setup.py) needs a C compiler and Python's headers: Debian's packages where
+# either is missing (python3-dev: the headers of Debian's python3, the default PYTHON).
+c-compiler:
+	@if ! command -v cc >/dev/null || ! $(PYTHON) -c "import os, sysconfig; \
+	    assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+	    2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc libc6-dev python3-dev; \
+	fi
 
 # Real Fashion-MNIST, from Debian's package (no internet needed at run time).
 $(FMNIST):
