@@ -25,7 +25,12 @@ def test_eight_devices_give_the_state_of_one():
   assert result["leaves"] > 100  # params, BN statistics, optimiser state of both networks
   assert set(result["relative_difference"]) == {
       "online_params", "online_stats", "target_params", "target_stats", "opt_state"}
-  assert max(result["relative_difference"].values()) <= 1e-5, result
+  # Float32 rounding (<= 1e-5), except the momentum buffers: raw gradient sums of this tiny
+  # net, which magnify the order of summing over 8 devices instead of 1 (1.9e-5 apart
+  # after these two steps, 2026-12-04, also at the commit that marked this test slow).
+  bounds = {"opt_state": 1e-4}
+  for part, difference in result["relative_difference"].items():
+    assert difference <= bounds.get(part, 1e-5), result
 
 
 def build(precision="float32"):
