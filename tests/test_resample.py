@@ -23,8 +23,9 @@ def pillow(image, out_height, out_width, box):
 
 
 def random_cases(seed: int, count: int):
-  """(image, out_height, out_width, box): sizes 1-150 px, a third each whole image,
-  integer box, fractional box; images are views into larger arrays (strided rows)."""
+  """(image, out_height, out_width, box): sizes 1-149 px, a third grey; a quarter whole
+  images, a quarter fractional boxes, half integer boxes; images are views into larger
+  arrays (strided rows)."""
   rng = np.random.default_rng(seed)
   for i in range(count):
     height, width = (int(v) for v in rng.integers(1, 150, 2))
