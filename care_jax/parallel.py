@@ -1,10 +1,16 @@
 """Data parallelism: one `data` mesh axis over every device of every process.
 
-The batch is sharded along it and the state replicated; XLA inserts the gradient and
-BatchNorm reductions, so the trunk's and heads' statistics are those of the global batch
-(the release's SyncBN). The T-stream normalises contiguous groups of
-`model.t_stream.bn_group_size` examples (the release's per-GPU BatchNorm2d): each device's
-own shard when the per-device batch equals the group size.
+The batch is sharded along it and the state replicated. The networks' training-mode passes
+run under `jax.shard_map` over that axis (`per_device`), so each device computes only its
+own examples; their BatchNorms average the statistics over the axis, so the trunk's and
+heads' statistics are those of the global batch (the release's SyncBN), and the T-stream
+normalises contiguous groups of `model.t_stream.bn_group_size` examples (the release's
+per-GPU BatchNorm2d: each device's own shard when the per-device batch equals the group
+size). The losses, the optimiser and most evaluation programs are plain jit, where XLA
+partitions the batch axis and inserts the reductions itself; kNN's count runs per device
+too. Left to jit, the vmap over the two views merged the view axis into the sharded batch
+axis, which XLA could only partition by gathering every activation onto every device
+(care_jax.scaling checks every program for that).
 """
 import jax
 import numpy as np
@@ -13,9 +19,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from care_jax.errors import UserError
 
 
+DATA_AXIS = "data"
+
+
 def create_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("data",))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -23,7 +32,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def per_device(fn, mesh: Mesh, in_specs, out_specs):
+  """`fn` run on each device's shard (jax.shard_map over the data axis); specs name the
+  batch axis with DATA_AXIS, as PartitionSpecs."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

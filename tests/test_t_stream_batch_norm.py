@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from care_jax import parallel
 from care_jax.errors import UserError
 from care_jax.models import create_networks
 from care_jax.models.layers import GroupedBatchNorm, batch_norm
@@ -88,13 +89,15 @@ def test_t_stream_groups_within_each_view():
   the whole-batch T-stream gives on that group alone, and the running averages are the
   release's two sequential updates from the first group of each view."""
   tiny = load_config("tiny").model.t_stream
-  make = lambda group_size: TStream(num_blocks=2, out_channels=16, heads=tiny.heads,
-                                    head_dim=tiny.head_dim, bn_group_size=group_size)
+  make = lambda group_size, axis_name=None: TStream(
+      num_blocks=2, out_channels=16, heads=tiny.heads, head_dim=tiny.head_dim,
+      bn_group_size=group_size, axis_name=axis_name)
   views = jnp.asarray(np.stack([batch(2, (4, 8, 8, 8)), batch(3, (4, 8, 8, 8))]))
   net_vars = make(0).init(jax.random.key(0), views[0], train=False)
   params, stats = net_vars["params"], net_vars["batch_stats"]
-  out, new_stats = quick_jit(lambda p, s, v: apply_to_views(make(2), p, s, v), params, stats,
-                             views)
+  out, new_stats = quick_jit(
+      lambda p, s, v: apply_to_views(make(2, parallel.DATA_AXIS), p, s, v), params, stats,
+      views)
 
   apply_whole = jax.jit(lambda stats, x: make(0).apply(
       {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]))
@@ -145,8 +148,10 @@ def test_paper_presets_group_by_the_release_per_gpu_batch():
 
 
 def test_sharded_groups_equal_one_device():
-  """4 simulated devices, each holding one group of 4 (as each GPU holds its 128 images):
-  the online network's outputs, statistics and gradient equal those on one device."""
+  """4 simulated devices, each computing only its own examples under shard_map: the online
+  network with one group of 4 per device (as each GPU holds its 128 images) equals one
+  device in outputs, statistics and gradient; so does the layer alone for groups within a
+  device, across devices and the whole batch; groups that straddle devices are refused."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "tests/scripts/grouped_bn_on_devices.py"], cwd=ROOT,
@@ -159,6 +164,11 @@ def test_sharded_groups_equal_one_device():
   # the gradient (measured 4-6e-5), still far below what grouping changes.
   assert errors["outputs"] <= 1e-5 and errors["batch_stats"] <= 1e-5, result
   assert errors["gradient"] <= 1e-3, result
+  assert set(result["layer"]) == {"2", "4", "8", "0"}
+  for group_size, layer_errors in result["layer"].items():
+    for part, error in layer_errors.items():
+      assert error <= 1e-6, (group_size, part, result)
+  assert "straddle the 4 devices' batches of 6" in result["straddle"], result
 
 
 def test_a_float64_run_normalises_in_float64():

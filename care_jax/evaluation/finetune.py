@@ -65,6 +65,33 @@ def _initial_trunk(config, source: dict, image_size: int, mesh):
   return network.trunk, variables["params"]["trunk"], variables["batch_stats"]["trunk"]
 
 
+def classifier_model(trunk, num_classes: int, precision: str) -> Classifier:
+  """The pretraining network's trunk with a head; its BatchNorms in training mode reduce
+  over the sharded batch as XLA partitions them (no shard_map axis: a plain jitted step)."""
+  return Classifier(trunk.clone(dtype=state_lib.PRECISIONS[precision], axis_name=None),
+                    num_classes)
+
+
+def programs(model: Classifier, tx, mesh):
+  """(train step, logits of eval images, top-1/top-5 counts), jitted over the mesh: the
+  state replicated, the batch sharded, so each device computes its own examples."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  apply = lambda variables, images, **kwargs: model.apply(
+      variables, augment.normalize(images), **kwargs)
+  train_step = jax.jit(classifier.training_step(apply, tx),
+                       in_shardings=(replicated, sharded, sharded),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=sharded)
+  def logits_fn(state, images):
+    return apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
+                 train=False)
+
+  counts_fn = jax.jit(classifier.correct_counts, in_shardings=(sharded, sharded, sharded),
+                      out_shardings=replicated)
+  return train_step, logits_fn, counts_fn
+
+
 def finetune(config, workdir: str) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
   ft = config.finetune
@@ -88,29 +115,16 @@ def finetune(config, workdir: str) -> dict:
   batches = None
   try:
     trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size, mesh)
-    model = Classifier(trunk.clone(dtype=state_lib.PRECISIONS[config.precision]),
-                       info.num_classes)
+    model = classifier_model(trunk, info.num_classes, config.precision)
     head = _head(info.num_classes).init(jax.random.key(config.seed),
                                         jnp.zeros((1, trunk.out_channels)))["params"]
     lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
     tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
                      optax.sgd(lr, momentum=ft.momentum, nesterov=True))
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     initial = jax.device_put(classifier.initial_state(
-        {"trunk": trunk_params, "head": head}, {"trunk": trunk_stats}, tx), replicated)
-    apply = lambda variables, images, **kwargs: model.apply(
-        variables, augment.normalize(images), **kwargs)
-    train_step = jax.jit(classifier.training_step(apply, tx),
-                         in_shardings=(replicated, sharded, sharded),
-                         out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-    @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=sharded)
-    def logits_fn(state, images):
-      return apply({"params": state["params"], "batch_stats": state["batch_stats"]}, images,
-                   train=False)
-
-    counts_fn = jax.jit(classifier.correct_counts,
-                        in_shardings=(sharded, sharded, sharded), out_shardings=replicated)
+        {"trunk": trunk_params, "head": head}, {"trunk": trunk_stats}, tx),
+        parallel.replicated(mesh))
+    train_step, logits_fn, counts_fn = programs(model, tx, mesh)
 
     def evaluate(state, check):
       counts = 0

@@ -5,6 +5,8 @@ projectors only. Both are this module, with `predictors` on or off, so their par
 trees line up key by key for the EMA update (spec, "Networks" and "Target update").
 """
 
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,11 +21,12 @@ class MLP(nn.Module):
   hidden_dim: int = 4096
   out_dim: int = 256
   dtype: jnp.dtype = jnp.float32
+  axis_name: Optional[str] = None  # see layers.batch_norm
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = dense(self.hidden_dim, x.shape[-1], self.dtype, "dense1")(x)
-    x = nn.relu(batch_norm(train, self.dtype, "bn")(x))
+    x = nn.relu(batch_norm(train, self.dtype, "bn", self.axis_name)(x))
     return dense(self.out_dim, self.hidden_dim, self.dtype, "dense2")(x)
 
 
@@ -48,13 +51,18 @@ class CareNetwork(nn.Module):
     features = jnp.mean(layer4, axis=(1, 2))
     outputs = {"features": features.astype(jnp.float32)}
     for stream, pooled in (("c", features), ("t", jnp.mean(t_map, axis=(1, 2)))):
-      z = MLP(self.hidden_dim, self.projection_dim, self.dtype,
+      z = MLP(self.hidden_dim, self.projection_dim, self.dtype, self.trunk.axis_name,
               name=f"{stream}_projector")(pooled, train)
       if self.predictors:
-        z = MLP(self.hidden_dim, self.projection_dim, self.dtype,
+        z = MLP(self.hidden_dim, self.projection_dim, self.dtype, self.trunk.axis_name,
                 name=f"{stream}_predictor")(z, train)
       outputs[stream] = l2_normalize(z)
     return outputs
+
+  @property
+  def axis_name(self):
+    """The shard_map axis its training-mode BatchNorms average over (create_networks)."""
+    return self.trunk.axis_name
 
   def trunk_features(self, images):
     """Pooled layer4 features in eval mode (BN running statistics): the linear probe input."""
@@ -66,8 +74,11 @@ class CareNetwork(nn.Module):
 STEMS = {"imagenet": (False, False), "small": (True, False), "small_pool": (True, True)}
 
 
-def create_networks(model_config, image_size: int, dtype=jnp.float32):
-  """(online, target) CareNetwork pair from `config.model`."""
+def create_networks(model_config, image_size: int, dtype=jnp.float32,
+                    axis_name: Optional[str] = None):
+  """(online, target) CareNetwork pair from `config.model`. With `axis_name` their
+  training-mode BatchNorms take the statistics over that axis of a shard_map: the form
+  the data-parallel train step runs them in (train_step.apply_to_views)."""
   stem = model_config.stem
   if stem == "auto":
     stem = "small" if image_size <= 64 else "imagenet"
@@ -77,7 +88,7 @@ def create_networks(model_config, image_size: int, dtype=jnp.float32):
   trunk = resnet_lib.resnet(model_config.arch, width_multiplier=model_config.width,
                             channels=model_config.channels, small_stem=small_stem,
                             small_stem_pool=small_stem_pool,
-                            dtype=dtype)
+                            dtype=dtype, axis_name=axis_name)
   t_cfg = model_config.t_stream
   make = lambda predictors: CareNetwork(
       trunk=trunk.clone(),
@@ -85,7 +96,8 @@ def create_networks(model_config, image_size: int, dtype=jnp.float32):
                        heads=t_cfg.heads, head_dim=t_cfg.head_dim,
                        position_embedding=t_cfg.position_embedding,
                        # Configs saved before the field existed normalised the whole batch.
-                       bn_group_size=t_cfg.get("bn_group_size", 0), dtype=dtype),
+                       bn_group_size=t_cfg.get("bn_group_size", 0), dtype=dtype,
+                       axis_name=axis_name),
       hidden_dim=model_config.hidden_dim, projection_dim=model_config.projection_dim,
       predictors=predictors, dtype=dtype)
   return make(True), make(False)

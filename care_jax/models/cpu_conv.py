@@ -41,7 +41,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if (kh, kw) == (1, 1) or ho * wo <= _MAX_IM2COL_OUTPUT_PIXELS:
     return _im2col_conv(lhs, rhs, strides, padding, (ho, wo), precision)
   if lhs.shape[-1] <= _MAX_PER_TAP_CHANNELS:
-    return _conv(lhs, rhs, strides, padding)
+    return _conv(lhs, _varying_like(rhs, lhs), strides, padding)
   return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
 
@@ -71,6 +71,19 @@ def _im2col_conv(x, w, strides, padding, output_size, precision):
 
 def _native(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _varying_axes(a) -> frozenset:
+  manual = getattr(jax.typeof(a), "manual_axis_type", None)  # None outside shard_map
+  return frozenset() if manual is None else manual.varying
+
+
+def _varying_like(w, x):
+  """`w` marked as varying over the shard_map axes `x` varies over (a replicated kernel
+  applied to one device's examples): a custom_vjp must return a per-device weight
+  gradient with its input's type, and jax.shard_map sums it over the devices itself."""
+  missing = tuple(_varying_axes(x) - _varying_axes(w))
+  return jax.lax.pcast(w, missing, to="varying") if missing else w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

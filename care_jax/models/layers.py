@@ -5,6 +5,7 @@ freshly initialised care_jax network has the release's statistics.
 """
 import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -33,14 +34,16 @@ BN_MOMENTUM = 0.9  # flax's convention for PyTorch's momentum=0.1
 BN_EPSILON = 1e-5  # PyTorch's default
 
 
-def batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype, name: str,
+               axis_name: Optional[str] = None) -> nn.BatchNorm:
   """PyTorch BatchNorm semantics (momentum 0.1, eps 1e-5); gamma 1, beta 0.
 
-  Under jax.jit on a batch-sharded global array the statistics are those of the global
-  batch, which is what SyncBN gives the release's trunk and heads.
+  With `axis_name` (the data axis of a shard_map over the devices) the training-mode
+  statistics are averaged over that axis: those of the global batch, as SyncBN gives the
+  release's trunk and heads, while each device computes only its own examples.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+                      dtype=dtype, axis_name=axis_name, name=name)
 
 
 def batch_norm_groups(batch: int, group_size: int) -> int:
@@ -57,9 +60,15 @@ def batch_norm_groups(batch: int, group_size: int) -> int:
 
 class GroupedBatchNorm(nn.Module):
   """batch_norm whose training-mode statistics are those of each contiguous group of
-  `group_size` examples: the release's T-stream uses plain BatchNorm2d, so each GPU
-  normalises its own 128 images (spec, "Networks"). Under the batch-sharded mesh a group
-  is one device's shard when the per-device batch equals the group size.
+  `group_size` examples of the global batch: the release's T-stream uses plain
+  BatchNorm2d, so each GPU normalises its own 128 images (spec, "Networks").
+
+  With `axis_name` (the data axis of a shard_map) each device holds a contiguous slice of
+  the global batch and computes only its own examples: a group lies within one device
+  (group_size divides the per-device batch: the release's case when they are equal) or
+  spans whole devices (the per-device batch divides group_size). Each device writes the
+  sums of its groups into a [groups, features] table at their global rows and one psum
+  (exact: the other rows are zeros) gives every device every group's statistics.
 
   The running averages follow the first group only: DDP broadcasts rank 0's buffers to
   every rank at each forward (broadcast_buffers=True, its default) and rank 0 saves the
@@ -70,6 +79,7 @@ class GroupedBatchNorm(nn.Module):
   use_running_average: bool
   group_size: int
   dtype: jnp.dtype = jnp.float32
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x):
@@ -78,19 +88,53 @@ class GroupedBatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-    groups = 1 if self.use_running_average else batch_norm_groups(x.shape[0], self.group_size)
-    # [groups, examples per group x positions, features]: groups are contiguous examples.
-    grouped = x.reshape(groups, -1, features).astype(jnp.promote_types(self.dtype, jnp.float32))
+    compute_dtype = jnp.promote_types(self.dtype, jnp.float32)
     if self.use_running_average:
+      grouped = x.reshape(1, -1, features).astype(compute_dtype)
       mean, var = running_mean.value[None], running_var.value[None]
     else:
-      mean = jnp.mean(grouped, axis=1)
-      var = jnp.maximum(0., jnp.mean(jnp.square(grouped), axis=1) - jnp.square(mean))
+      grouped, mean, var, first_mean, first_var = self._group_statistics(
+          x.astype(compute_dtype))
       if not self.is_initializing():
-        running_mean.value = BN_MOMENTUM * running_mean.value + (1 - BN_MOMENTUM) * mean[0]
-        running_var.value = BN_MOMENTUM * running_var.value + (1 - BN_MOMENTUM) * var[0]
+        running_mean.value = BN_MOMENTUM * running_mean.value + (1 - BN_MOMENTUM) * first_mean
+        running_var.value = BN_MOMENTUM * running_var.value + (1 - BN_MOMENTUM) * first_var
     y = (grouped - mean[:, None]) * (jax.lax.rsqrt(var + BN_EPSILON) * scale)[:, None] + bias
     return y.reshape(x.shape).astype(self.dtype)
+
+  def _group_statistics(self, x):
+    """x as [this device's groups, their values, features]; the mean and variance of each
+    of those groups; the mean and variance of the global batch's first group."""
+    local, features = x.shape[0], x.shape[-1]
+    axis_name = None if self.is_initializing() else self.axis_name  # as nn.BatchNorm
+    if axis_name is None:
+      devices, index = 1, 0
+    else:
+      devices, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+    groups = batch_norm_groups(local * devices, self.group_size)
+    size = local * devices // groups  # examples per group
+    if local % size == 0:
+      local_groups, first_row = local // size, index * (local // size)
+    elif size % local == 0:
+      local_groups, first_row = 1, index * local // size
+    else:
+      raise UserError(
+          f"BatchNorm groups of {size} examples straddle the {devices} devices' batches of "
+          f"{local}; set --config.model.t_stream.bn_group_size to a divisor or a multiple "
+          f"of {local} (0: the whole batch).")
+    grouped = x.reshape(local_groups, -1, features)
+    sums = jnp.stack([jnp.sum(grouped, axis=1), jnp.sum(jnp.square(grouped), axis=1)], 1)
+    if axis_name is None:
+      table = sums
+    else:  # every group's sums on every device; rows of other devices' groups are zeros
+      table = jax.lax.dynamic_update_slice_in_dim(
+          jnp.zeros((groups,) + sums.shape[1:], x.dtype), sums, first_row, axis=0)
+      table = jax.lax.psum(table, axis_name)
+      sums = jax.lax.dynamic_slice_in_dim(table, first_row, local_groups, axis=0)
+    count = size * (x.size // (local * features))  # values per group and feature
+    moments = lambda s: (s[..., 0, :] / count,
+                         jnp.maximum(0., s[..., 1, :] / count - jnp.square(s[..., 0, :] / count)))
+    (mean, var), (first_mean, first_var) = moments(sums), moments(table[0])
+    return grouped, mean, var, first_mean, first_var
 
 
 conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,

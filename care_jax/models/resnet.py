@@ -3,7 +3,7 @@
 Parameter names follow torchvision's (`conv1`, `bn1`, `layer3_5/conv2`, `downsample_conv`,
 ...) so that checkpoint conversion is a rename, not a search.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,15 +26,16 @@ class BasicBlock(nn.Module):
   stride: int
   train: bool
   dtype: jnp.dtype
+  axis_name: Optional[str] = None  # see layers.batch_norm
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     out = conv(self.planes, (3, 3), (self.stride, self.stride), padding=1, dtype=self.dtype,
                name="conv1")(x)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn1")(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name)(out))
     out = conv(self.planes, (3, 3), padding=1, dtype=self.dtype, name="conv2")(out)
-    out = batch_norm(self.train, self.dtype, "bn2")(out)
+    out = batch_norm(self.train, self.dtype, "bn2", self.axis_name)(out)
     return nn.relu(out + _shortcut(self, x, self.planes))
 
 
@@ -44,6 +45,7 @@ class Bottleneck(nn.Module):
   train: bool
   dtype: jnp.dtype
   width_multiplier: int = 1
+  axis_name: Optional[str] = None  # see layers.batch_norm
   expansion = 4
 
   @nn.compact
@@ -52,12 +54,12 @@ class Bottleneck(nn.Module):
     # torchvision's wide_resnet50_2: the stage outputs stay 256..2048 channels.
     width = self.planes * self.width_multiplier
     out = conv(width, (1, 1), dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn1")(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name)(out))
     out = conv(width, (3, 3), (self.stride, self.stride), padding=1, dtype=self.dtype,
                name="conv2")(out)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn2")(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn2", self.axis_name)(out))
     out = conv(self.planes * 4, (1, 1), dtype=self.dtype, name="conv3")(out)
-    out = batch_norm(self.train, self.dtype, "bn3")(out)
+    out = batch_norm(self.train, self.dtype, "bn3", self.axis_name)(out)
     return nn.relu(out + _shortcut(self, x, self.planes * 4))
 
 
@@ -67,7 +69,7 @@ def _shortcut(block: nn.Module, x, out_channels: int):
     return x
   x = conv(out_channels, (1, 1), (block.stride, block.stride), dtype=block.dtype,
            name="downsample_conv")(x)
-  return batch_norm(block.train, block.dtype, "downsample_bn")(x)
+  return batch_norm(block.train, block.dtype, "downsample_bn", block.axis_name)(x)
 
 
 class ResNet(nn.Module):
@@ -79,18 +81,19 @@ class ResNet(nn.Module):
   small_stem: bool = False  # 3x3/1 conv and no max-pool, for images of 64 px or less
   small_stem_pool: bool = False  # the small stem, then a 3x3/2 max-pool (a quarter the cost)
   dtype: jnp.dtype = jnp.float32
+  axis_name: Optional[str] = None  # see layers.batch_norm
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
     if self.small_stem:
       x = conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
       if self.small_stem_pool:
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.channels, (7, 7), (2, 2), padding=3, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     stages = []
     for i, num_blocks in enumerate(self.stage_sizes):
@@ -98,10 +101,11 @@ class ResNet(nn.Module):
         stride = 2 if i > 0 and j == 0 else 1
         name = f"layer{i + 1}_{j}"
         if self.block == "basic":
-          x = BasicBlock(self.channels * 2**i, stride, train, self.dtype, name=name)(x)
+          x = BasicBlock(self.channels * 2**i, stride, train, self.dtype, self.axis_name,
+                         name=name)(x)
         else:
           x = Bottleneck(self.channels * 2**i, stride, train, self.dtype, self.width_multiplier,
-                         name=name)(x)
+                         self.axis_name, name=name)(x)
       stages.append(x)
     return stages[2], stages[3]
 

@@ -3,6 +3,8 @@
 Spec, "T-stream block". Unlike the release, position tables are sized from the feature map
 the block actually sees, so any input resolution works (the release asserts 14x14).
 """
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -72,11 +74,12 @@ class TBlock(nn.Module):
   train: bool = True
   bn_group_size: int = 0  # see GroupedBatchNorm; <= 0: the whole batch
   dtype: jnp.dtype = jnp.float32
+  axis_name: Optional[str] = None  # see GroupedBatchNorm
 
   @nn.compact
   def __call__(self, x):
     bn = lambda name: GroupedBatchNorm(not self.train, self.bn_group_size, self.dtype,
-                                       name=name)
+                                       self.axis_name, name=name)
     if self.downsample or x.shape[-1] != self.out_channels:
       stride = 2 if self.downsample else 1
       size = 3 if self.downsample else 1
@@ -109,6 +112,7 @@ class TStream(nn.Module):
   position_embedding: str = "absolute"
   bn_group_size: int = 0
   dtype: jnp.dtype = jnp.float32
+  axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -117,5 +121,5 @@ class TStream(nn.Module):
                  downsample=i == 0, heads=self.heads, head_dim=self.head_dim,
                  position_embedding=self.position_embedding, train=train,
                  bn_group_size=self.bn_group_size, dtype=self.dtype,
-                 name=f"block{i}")(x)
+                 axis_name=self.axis_name, name=f"block{i}")(x)
     return x

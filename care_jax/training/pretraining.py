@@ -24,7 +24,9 @@ class Pretraining:
   optimizer: optax.GradientTransformation
   lr_fn: Callable
   tau_fn: Callable
-  train_step: Callable  # (state, (view_1, view_2)[, labels]) -> (state, metrics), not jitted
+  # (state, (view_1, view_2)[, labels][, mesh=]) -> (state, metrics), not jitted; data
+  # parallel over `mesh` (default: one device)
+  train_step: Callable
   precision: str
   image_size: int
   probe: Optional[OnlineProbe] = None
@@ -52,7 +54,7 @@ class Pretraining:
     def step(state, batch):
       x1, x2 = augment.pretrain_views(state.step_key(), batch["view1"], batch["view2"],
                                       self.blur_scale)
-      return self.train_step(state, (x1, x2), batch.get("label"))
+      return self.train_step(state, (x1, x2), batch.get("label"), mesh=mesh)
 
     return parallel.jit_train_step(step, mesh)
 
@@ -68,7 +70,8 @@ def build(config, steps_per_epoch: int, total_steps: int,
     raise UserError(f"precision must be one of {sorted(state_lib.PRECISIONS)}, got "
                     f"{config.precision!r}.")
   online_net, target_net = create_networks(config.model, config.data.image_size,
-                                           state_lib.PRECISIONS[config.precision])
+                                           state_lib.PRECISIONS[config.precision],
+                                           axis_name=parallel.DATA_AXIS)
   optimizer = optimizers.create(config.optimizer)
   lr_fn = schedules.learning_rate(config.optimizer.base_lr, config.global_batch_size,
                                   int(config.optimizer.warmup_epochs * steps_per_epoch),

@@ -7,30 +7,44 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
-from care_jax import objectives
+from care_jax import objectives, parallel
 from care_jax.models.layers import BN_MOMENTUM
 from care_jax.training.state import TrainState, target_subtree
 
 
-def apply_to_views(net, params, stats, views):
-  """Runs `net` on both views as separate BatchNorm batches, in one vmapped pass.
+def apply_to_views(net, params, stats, views, mesh=None):
+  """Runs `net` on both views as separate BatchNorm batches, each device on its examples.
 
-  The release calls its encoder once per view, so each view is its own BN batch and the
-  running statistics are updated twice in a row. vmap gives the per-view statistics with a
-  single (smaller to compile, better batched) graph; the sequential running-average update
-  is then m * s_0 + s_1 - m * r, where s_i = m * r + (1 - m) * batch_i.
+  `views` is [2, batch, ...] with the batch sharded over `mesh` (default: one device);
+  `net` must have been built with axis_name=parallel.DATA_AXIS (create_networks), so its
+  BatchNorms take the global statistics. The release calls its encoder once per view, so
+  each view is its own BN batch and the running statistics are updated twice in a row.
+  vmap gives the per-view statistics with a single (smaller to compile, better batched)
+  graph; the sequential running-average update is then m * s_0 + s_1 - m * r, where
+  s_i = m * r + (1 - m) * batch_i.
   """
+  mesh = parallel.create_mesh(jax.devices()[:1]) if mesh is None else mesh
+  if net.axis_name != parallel.DATA_AXIS:
+    raise ValueError(f"apply_to_views needs a network built with axis_name="
+                     f"{parallel.DATA_AXIS!r} (create_networks): its BatchNorms would "
+                     "otherwise normalise each device's examples alone.")
 
-  def one_view(x):
+  def one_view(params, stats, x):
     out, new = net.apply({"params": params, "batch_stats": stats}, x, train=True,
                          mutable=["batch_stats"])
     return out, new["batch_stats"]
 
-  outputs, per_view = jax.vmap(one_view)(views)
-  new_stats = jax.tree.map(lambda r, s: BN_MOMENTUM * s[0] + s[1] - BN_MOMENTUM * r,
-                           stats, per_view)
-  return outputs, new_stats
+  def on_device(params, stats, views):
+    outputs, per_view = jax.vmap(one_view, in_axes=(None, None, 0))(params, stats, views)
+    new_stats = jax.tree.map(lambda r, s: BN_MOMENTUM * s[0] + s[1] - BN_MOMENTUM * r,
+                             stats, per_view)
+    return outputs, new_stats
+
+  views_spec = P(None, parallel.DATA_AXIS)
+  return parallel.per_device(on_device, mesh, in_specs=(P(), P(), views_spec),
+                             out_specs=(views_spec, P()))(params, stats, views)
 
 
 def _split_views(outputs):
@@ -38,7 +52,7 @@ def _split_views(outputs):
 
 
 def care_objective(online_params, target_params, online_stats, target_stats, views, *,
-                   online_net, target_net, cross_weight: float):
+                   online_net, target_net, cross_weight: float, mesh=None):
   """(loss, (terms, new online stats, new target stats, online pooled features [2, B, D]))
   for views [2, batch, H, W, C].
 
@@ -47,21 +61,23 @@ def care_objective(online_params, target_params, online_stats, target_stats, vie
   """
   # The target sees the other view (spec, "Objective"): k_1 = target(x2), k_2 = target(x1).
   target_out, target_stats = apply_to_views(target_net, target_params, target_stats,
-                                            views[::-1])
-  online_out, online_stats = apply_to_views(online_net, online_params, online_stats, views)
+                                            views[::-1], mesh)
+  online_out, online_stats = apply_to_views(online_net, online_params, online_stats, views,
+                                            mesh)
   (out_1, out_2), (target_1, target_2) = _split_views(online_out), _split_views(target_out)
   loss, terms = objectives.care_loss(out_1, out_2, target_1, target_2, cross_weight)
   return loss, (terms, online_stats, target_stats, online_out["features"])
 
 
 def train_step(state: TrainState, views, labels=None, *, online_net, target_net, optimizer,
-               lr_fn, tau_fn, cross_weight: float, probe=None):
-  """One step. With `probe` (an online_probe.OnlineProbe) and the batch's labels, the
-  online probe also takes a step on the first view's stop-gradient features."""
+               lr_fn, tau_fn, cross_weight: float, probe=None, mesh=None):
+  """One step, data-parallel over `mesh` (default: one device). With `probe` (an
+  online_probe.OnlineProbe) and the batch's labels, the online probe also takes a step on
+  the first view's stop-gradient features."""
   loss_fn = functools.partial(
       care_objective, target_params=state.target_params, online_stats=state.online_stats,
       target_stats=state.target_stats, views=jnp.stack(views), online_net=online_net,
-      target_net=target_net, cross_weight=cross_weight)
+      target_net=target_net, cross_weight=cross_weight, mesh=mesh)
 
   if state.loss_scale is None:
     (_, (terms, online_stats, target_stats, features)), grads = jax.value_and_grad(
