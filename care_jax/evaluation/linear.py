@@ -54,6 +54,34 @@ def encoder_features(config, source: dict, image_size: int, mesh):
           description)
 
 
+def head_programs(head: LinearHead, tx, mesh):
+  """(train step on a batch of features, an epoch over cached features, top-1/top-5
+  counts), jitted over the mesh: the state replicated, each device on its own examples."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  head_step = classifier.training_step(head.apply, tx)
+  train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def scan_epoch(state, feats, labels, order):
+    """One epoch over cached features [N, D] in a single dispatch: order is [steps, batch].
+    Each device takes its own slice of every batch."""
+    take = lambda x, idx: jax.lax.with_sharding_constraint(x[idx], sharded)
+    state, losses = jax.lax.scan(
+        lambda state, idx: head_step(state, take(feats, idx), take(labels, idx)), state,
+        order)
+    return state, losses[-1]
+
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded, sharded),
+                     out_shardings=replicated)
+  def head_counts(state, feats, labels, mask):
+    logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                        feats, train=False)
+    return classifier.correct_counts(logits, labels, mask)
+
+  return train_step, scan_epoch, head_counts
+
+
 def evaluate(config, workdir: str) -> dict:
   """Linear evaluation of linear_eval.encoder; writes and returns results.json's content."""
   lin = config.linear_eval
@@ -89,17 +117,9 @@ def evaluate(config, workdir: str) -> dict:
                      optax.sgd(lr, momentum=lin.momentum))
     variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)),
                           train=False)
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     initial = jax.device_put(classifier.initial_state(
-        variables["params"], variables["batch_stats"], tx), replicated)
-    head_step = classifier.training_step(head.apply, tx)
-
-    @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded, sharded),
-                       out_shardings=replicated)
-    def head_counts(state, feats, labels, mask):
-      logits = head.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                          feats, train=False)
-      return classifier.correct_counts(logits, labels, mask)
+        variables["params"], variables["batch_stats"], tx), parallel.replicated(mesh))
+    train_step, scan_epoch, head_counts = head_programs(head, tx, mesh)
 
     eval_features = []  # the frozen encoder's features of the eval split, computed once
 
@@ -112,8 +132,6 @@ def evaluate(config, workdir: str) -> dict:
 
     state, history = evaluation.restore(initial)
     if lin.augment:
-      train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
-                           out_shardings=(replicated, replicated), donate_argnums=(0,))
       batches = input_pipeline.labelled_batches(
           data, global_batch_size=lin.global_batch_size, seed=config.seed,
           start_step=int(state["step"]), process_index=jax.process_index(),
@@ -125,21 +143,15 @@ def evaluate(config, workdir: str) -> dict:
 
       train_epoch = loop.per_step_epochs(step_fn, batches, steps_per_epoch)
     else:
-      train_feats, train_labels = jax.device_put((train_feats, train_labels), replicated)
-
-      @functools.partial(jax.jit, donate_argnums=(0,))
-      def scan_epoch(state, order):
-        """One epoch over cached features in a single dispatch: order is [steps, batch]."""
-        state, losses = jax.lax.scan(
-            lambda state, idx: head_step(state, train_feats[idx], train_labels[idx]), state,
-            order)
-        return state, losses[-1]
+      train_feats, train_labels = jax.device_put((train_feats, train_labels),
+                                                 parallel.replicated(mesh))
 
       def train_epoch(state, epoch, check):
         del check  # one dispatch: nothing to stop in
         order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
         order = order[:steps_per_epoch * lin.global_batch_size]
-        return scan_epoch(state, order.reshape(steps_per_epoch, lin.global_batch_size))
+        return scan_epoch(state, train_feats, train_labels,
+                          order.reshape(steps_per_epoch, lin.global_batch_size))
 
     history = evaluation.train(
         state, history, steps_per_epoch=steps_per_epoch, num_epochs=lin.num_epochs,

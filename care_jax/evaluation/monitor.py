@@ -17,6 +17,13 @@ from care_jax.evaluation import features, knn
 from care_jax.training.online_probe import OnlineProbe
 
 
+def probe_count_fn(probe: OnlineProbe, mesh):
+  """(probe params, features, labels, mask) -> correct count, jitted over the mesh."""
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(probe.correct_count, in_shardings=(replicated, sharded, sharded, sharded),
+                 out_shardings=replicated)
+
+
 class Monitor:
 
   def __init__(self, config, mesh, online_net, probe: Optional[OnlineProbe],
@@ -28,10 +35,7 @@ class Monitor:
     self._knn = (knn.Knn(mesh, k=m.knn_k, temperature=m.knn_temperature,
                          num_classes=num_classes) if m.knn else None)
     self._bank = knn.bank_indices(num_train_examples, m.knn_bank_size, config.seed)
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    self._probe_correct = None if probe is None else jax.jit(
-        probe.correct_count, in_shardings=(replicated, sharded, sharded, sharded),
-        out_shardings=replicated)
+    self._probe_correct = None if probe is None else probe_count_fn(probe, mesh)
 
   def due(self, step: int, total_steps: int) -> bool:
     return step % self.every_steps == 0 or step == total_steps
