@@ -6,8 +6,16 @@
   python -m care_jax.bench step [--preset=r50_100ep --batch_per_device=128 --precision=...]
                                                  the jitted train step on synthetic crops,
                                                  next to the same step without the T-stream:
-                                                 pairs/s, FLOPs/pair, TFLOP/s, fraction of
-                                                 the card's rate, peak memory
+                                                 pairs/s (and per device), FLOPs/pair,
+                                                 TFLOP/s, fraction of the card's rate, peak
+                                                 memory per device
+  python -m care_jax.bench scaling [--preset=r50_100ep --batch_per_device=4 --devices=1,2,4,8]
+                                                 the step (--programs=all: every program
+                                                 jitted over the mesh) compiled for each
+                                                 device count at the same per-device batch:
+                                                 per-device memory, the collectives' bytes
+                                                 per step, any that move examples (CPU:
+                                                 simulated devices, one process per count)
 
 Each subcommand imports what it needs when it runs, so one benchmark's dependencies do not
 slow down or break another.
@@ -246,11 +254,13 @@ def peak_tflops(device_kind: str, given: float = 0.0):
 
 
 def _step_figures(global_batch: int, median: float, flops: Optional[float],
-                  peak: Optional[float]) -> dict:
-  """Throughput, FLOPs per image pair, achieved TFLOP/s and the fraction of `peak`."""
+                  peak: Optional[float], devices: int = 1) -> dict:
+  """Throughput (all devices and per device), FLOPs per image pair, achieved TFLOP/s (per
+  device) and the fraction of `peak` (one device's rate)."""
   tflops = None if flops is None else flops / median / 1e12
   return {"step_seconds_median": round(median, 4),
           "image_pairs_per_sec": round(global_batch / median, 1),
+          "image_pairs_per_sec_per_device": round(global_batch / median / devices, 1),
           "flops_per_image_pair": None if flops is None else float(f"{flops / global_batch:.4g}"),
           "achieved_tflops": None if tflops is None else float(f"{tflops:.4g}"),
           "fraction_of_peak": None if tflops is None or not peak else round(tflops / peak, 4)}
@@ -330,7 +340,7 @@ def bench_step(args) -> dict:
     peak_bytes = stats.get("peak_bytes_in_use")
     flops = summary.program_flops(lowered, train_step, devices)
     figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
-                            flops, peak)
+                            flops, peak, devices)
     gib = lambda n: None if n is None else round(n / 2**30, 2)
     return {**figures, "compile_seconds": round(compile_seconds, 1),
             "steps_timed": args.steps, "peak_memory_gib": gib(peak_bytes),
@@ -383,6 +393,72 @@ def _describe(r: dict, peak) -> str:
   return line
 
 
+def bench_scaling(args) -> dict:
+  """Per-device memory and collectives of the programs jitted over the mesh, compiled (not
+  run) for each device count at the same per-device batch (care_jax.scaling). On a CPU
+  each count is a child process with that many simulated devices; on GPUs the first N
+  devices of this machine."""
+  import subprocess
+
+  import jax
+
+  try:
+    counts = sorted({int(n) for n in args.devices.split(",") if n})
+  except ValueError:
+    counts = []
+  if not counts or counts[0] < 1:
+    raise UserError(f"--devices takes device counts, comma-separated (e.g. 1,2,4,8); got "
+                    f"{args.devices!r}.")
+  if args.batch_per_device < 1:
+    raise UserError(f"--batch_per_device must be at least 1, got {args.batch_per_device}.")
+  _preset_config(args.preset)
+  from care_jax.scaling import PROGRAMS
+  names = "" if args.programs == "all" else args.programs
+  unknown = sorted(set(n for n in names.split(",") if n) - set(PROGRAMS))
+  if unknown:
+    raise UserError(f"--programs: unknown {unknown}; choose from {', '.join(PROGRAMS)} "
+                    "or all.")
+  simulated = jax.default_backend() == "cpu"
+  if not simulated and len(jax.devices()) < counts[-1]:
+    raise UserError(f"{counts[-1]} devices asked for; this machine has {len(jax.devices())} "
+                    f"{jax.default_backend()} devices.")
+  reports = {}
+  for n in counts:
+    if simulated:
+      env = dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                           f"--xla_force_host_platform_device_count={n}".strip())
+      out = subprocess.run(
+          [sys.executable, "-m", "care_jax.scaling", f"--preset={args.preset}",
+           f"--precision={args.precision}", f"--batch_per_device={args.batch_per_device}",
+           f"--devices={n}", f"--image_size={args.image_size}", f"--programs={names}"],
+          env=env, capture_output=True, text=True)
+      if out.returncode:
+        raise RuntimeError(f"compiling for {n} devices failed:\n{out.stderr[-3000:]}")
+      report = json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+      from care_jax import scaling
+      report = scaling.report_for_devices(args.preset, args.precision, args.batch_per_device,
+                                          n, [x for x in names.split(",") if x] or None,
+                                          args.image_size)
+    reports[n] = report
+    for name, r in report.items():
+      reduced = r["collectives"].get("all-reduce", [0, 0])
+      print(f"{n} devices, {name}: temp {r['temp_bytes'] / 2**30:.3f} GiB per device, "
+            f"all-reduce {reduced[1] / 2**20:.1f} MiB in {reduced[0]}, "
+            f"{len(r['moves'])} collectives that move examples", flush=True)
+  first = reports[counts[0]]
+  ratios = {name: {n: round(reports[n][name]["temp_bytes"] / max(first[name]["temp_bytes"], 1),
+                            3) for n in counts} for name in first}
+  import jaxlib
+  return {"benchmark": "scaling", "preset": args.preset, "precision": args.precision,
+          "batch_per_device": args.batch_per_device,
+          "device": ("simulated CPU devices" if simulated else jax.devices()[0].device_kind),
+          "per_device_temp_relative_to_fewest": ratios,
+          "by_device_count": {str(n): r for n, r in reports.items()},
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m care_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -425,6 +501,18 @@ def main(argv=None) -> None:
                  help="compile without XLA's backend optimisations: a quicker start and a "
                       "slower step, for smoke tests of this command only")
   p.set_defaults(run=bench_step)
+
+  p = commands.add_parser("scaling", help="per-device memory and collectives against the "
+                                          "device count (compiled, not run)")
+  p.add_argument("--preset", default="r50_100ep", help="a preset of configs/care.py")
+  p.add_argument("--precision", default="float32",
+                 choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--batch_per_device", type=int, default=4)
+  p.add_argument("--image_size", type=int, default=0, help="0: the preset's")
+  p.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
+  p.add_argument("--programs", default="pretrain_step",
+                 help="comma-separated names of care_jax.scaling.programs, or all")
+  p.set_defaults(run=bench_scaling)
 
   args = parser.parse_args(argv)
   try:

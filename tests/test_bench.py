@@ -131,6 +131,11 @@ def test_step_figures_with_and_without_flops():
   assert with_flops["flops_per_image_pair"] == 9.3e10
   assert with_flops["achieved_tflops"] == pytest.approx(119.04, abs=0.05)
   assert with_flops["fraction_of_peak"] == pytest.approx(119.04 / 790, abs=1e-4)
+  assert with_flops["image_pairs_per_sec_per_device"] == 1280.0
+  on_eight = bench._step_figures(global_batch=1024, median=0.1, flops=None, peak=None,
+                                 devices=8)
+  assert on_eight["image_pairs_per_sec"] == 10240.0
+  assert on_eight["image_pairs_per_sec_per_device"] == 1280.0
   without = bench._step_figures(global_batch=128, median=0.1, flops=None, peak=790.0)
   assert without["image_pairs_per_sec"] == 1280.0
   assert without["flops_per_image_pair"] is None and without["fraction_of_peak"] is None
@@ -157,3 +162,32 @@ def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing
   assert result["finite_loss"] is True
   program = result["program_memory_gib"]  # XLA's buffer sizes of the compiled step
   assert program["argument"] > 0 and program["temp"] > 0 and program["output"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices=0,2"], "error: --devices takes device counts, comma-separated (e.g. 1,2,4,8); "
+                        "got '0,2'.\n"),
+    (["--devices=two"], "error: --devices takes device counts, comma-separated (e.g. 1,2,4,8); "
+                        "got 'two'.\n"),
+    (["--programs=pretrain_step,nope"], "error: --programs: unknown ['nope']; choose from "),
+])
+def test_scaling_bench_says_what_to_fix(capsys, args, message):
+  code, result, err = run_bench(capsys, "scaling", "--preset=tiny", *args)
+  assert code == 2 and result is None
+  assert err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
+  """Simulated CPU devices, one child process per count: the step keeps each device on its
+  own examples as the count doubles."""
+  code, result, err = run_bench(capsys, "scaling", "--preset=tiny", "--batch_per_device=2",
+                                "--devices=1,2")
+  assert code == 0, err
+  assert result["device"] == "simulated CPU devices"
+  assert set(result["by_device_count"]) == {"1", "2"}
+  for count, report in result["by_device_count"].items():
+    step = report["pretrain_step"]
+    assert step["moves"] == [] and step["temp_bytes"] > 0
+  assert "all-reduce" in result["by_device_count"]["2"]["pretrain_step"]["collectives"]
+  ratio = result["per_device_temp_relative_to_fewest"]["pretrain_step"]
+  assert ratio["1"] == 1.0 and 0.5 < ratio["2"] < 1.5, ratio

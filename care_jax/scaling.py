@@ -1,0 +1,198 @@
+"""What each program jitted over the mesh asks of every device as the device count grows:
+its memory and its collectives, read from the compiled program (nothing runs).
+
+Data parallelism means a device computes only its own examples: the per-device memory of a
+program stays that of one device at the same per-device batch, and the only collectives are
+all-reduces (gradients, BatchNorm statistics, counts). An all-gather, all-to-all or
+collective-permute in one of these programs moves examples' activations between devices,
+which is what `python -m care_jax.bench scaling` and tests/test_scaling.py look for.
+"""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from care_jax import parallel
+from care_jax.evaluation import features, finetune, knn, linear, monitor
+from care_jax.training import pretraining
+from care_jax.training.online_probe import OnlineProbe
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(r"= (?P<shape>\([^)]*\)|\S+) (?P<kind>all-gather|all-reduce|all-to-all|"
+                         r"collective-permute|reduce-scatter)(?:-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Collectives that move examples' data between devices; the data-parallel programs have
+# none of them.
+MOVES_EXAMPLES = ("all-gather", "all-to-all", "collective-permute")
+PROGRAMS = ("pretrain_step", "trunk_features", "knn_count", "online_probe_count",
+            "linear_step", "linear_epoch_on_cached_features", "linear_counts",
+            "finetune_step", "finetune_logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str  # all-gather, all-reduce, ...
+  shapes: tuple  # of the result: ((dtype, (dims...)), ...)
+  bytes: int  # of the result, per device
+  op_name: str  # the JAX operation it came from
+
+  def describe(self) -> str:
+    shapes = ", ".join(f"{d}[{','.join(map(str, dims))}]" for d, dims in self.shapes)
+    return f"{self.kind} {shapes} ({self.op_name})"
+
+
+def collectives(hlo_text: str) -> list:
+  """Every collective of a compiled program's HLO text (compiled.as_text())."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    shapes = tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
+                   for dtype, dims in _ARRAY.findall(match["shape"]))
+    size = sum(_DTYPE_BYTES.get(dtype, 4) * _product(dims) for dtype, dims in shapes)
+    op_name = _OP_NAME.search(line)
+    found.append(Collective(match["kind"], shapes, size, op_name[1] if op_name else ""))
+  return found
+
+
+def _product(dims) -> int:
+  out = 1
+  for d in dims:
+    out *= d
+  return out
+
+
+def _abstract(tree, sharding):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      tree)
+
+
+def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
+             cached_examples: int = 1024) -> dict:
+  """name -> (jitted program, abstract arguments) for every program that pretraining and
+  the evaluations jit over `mesh`, at `batch_per_device` examples per device. The cached
+  linear-evaluation features and the kNN bank hold `cached_examples` examples (the same
+  for any device count: they are a dataset's, not a batch's)."""
+  devices = mesh.devices.size
+  batch = batch_per_device * devices
+  cached = cached_examples
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  size = config.data.image_size
+  array = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  images = array((batch, size, size, 3), jnp.uint8, sharded)
+  labels, mask = array((batch,), jnp.int32, sharded), array((batch,), jnp.bool_, sharded)
+
+  config = config.copy_and_resolve_references()
+  config.global_batch_size = batch
+  probe = OnlineProbe(num_classes, config.monitor.online_probe_lr, 100_000)
+  setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100_000, probe=probe)
+  state = _abstract(setup.abstract_state(), replicated)
+  out = {"pretrain_step": (setup.jitted_step(mesh),
+                           (state, {"view1": images, "view2": images, "label": labels}))}
+
+  encoder = {"params": state.online_params, "batch_stats": state.online_stats}
+  embed = features.trunk_features_fn(setup.online_net, mesh)
+  feature = jax.eval_shape(embed, encoder, images)
+  feats = array(feature.shape, jnp.float32, sharded)
+  out["trunk_features"] = (embed, (encoder, images))
+  bank = array((cached, feature.shape[-1]), jnp.float32, replicated)
+  out["knn_count"] = (
+      knn.count_fn(mesh, k=config.monitor.knn_k, temperature=config.monitor.knn_temperature,
+                   num_classes=num_classes),
+      (feats, labels, mask, bank, array((cached,), jnp.int32, replicated),
+       array((cached,), jnp.bool_, replicated)))
+  out["online_probe_count"] = (monitor.probe_count_fn(probe, mesh),
+                               (state.probe.params, feats, labels, mask))
+
+  tx = optax.sgd(0.1, momentum=0.9)
+  head = linear.LinearHead(num_classes)
+  head_train, head_epoch, head_counts = linear.head_programs(head, tx, mesh)
+  head_state = _abstract(jax.eval_shape(lambda: _classifier_state(
+      head.init(jax.random.key(0), jnp.zeros((2, feature.shape[-1])), train=False), tx)),
+      replicated)
+  out["linear_step"] = (head_train, (head_state, feats, labels))
+  out["linear_epoch_on_cached_features"] = (head_epoch, (
+      head_state, bank, array((cached,), jnp.int32, replicated),
+      array((4, batch), jnp.int32, replicated)))
+  out["linear_counts"] = (head_counts, (head_state, feats, labels, mask))
+
+  model = finetune.classifier_model(setup.online_net.trunk, num_classes, config.precision)
+  tune_train, tune_logits, _ = finetune.programs(model, tx, mesh)
+  tune_state = _abstract(jax.eval_shape(lambda: _classifier_state(
+      model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False), tx)),
+      replicated)
+  out["finetune_step"] = (tune_train, (tune_state, images, labels))
+  out["finetune_logits"] = (tune_logits, (tune_state, images))
+  return out
+
+
+def _classifier_state(variables, tx):
+  from care_jax.evaluation import classifier
+  return classifier.initial_state(variables["params"], variables["batch_stats"], tx)
+
+
+def audit(config, mesh, batch_per_device: int, names=None, compiler_options=None,
+          **kwargs) -> dict:
+  """name -> {temp_bytes, argument_bytes, collectives: {kind: [count, bytes]}, moves:
+  [descriptions of the collectives that move examples]} of each program (or `names`)."""
+  unknown = set(names or ()) - set(PROGRAMS)
+  if unknown:
+    raise ValueError(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
+  report = {}
+  for name, (program, args) in programs(config, mesh, batch_per_device, **kwargs).items():
+    if names and name not in names:
+      continue
+    compiled = program.lower(*args).compile(compiler_options=compiler_options)
+    memory = compiled.memory_analysis()
+    found = collectives(compiled.as_text())
+    totals = {}
+    for c in found:
+      count, size = totals.get(c.kind, (0, 0))
+      totals[c.kind] = (count + 1, size + c.bytes)
+    report[name] = {
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "collectives": {kind: list(v) for kind, v in sorted(totals.items())},
+        "moves": [c.describe() for c in found if c.kind in MOVES_EXAMPLES]}
+  return report
+
+
+def report_for_devices(preset: str, precision: str, batch_per_device: int, devices: int,
+                       names, image_size: int = 0) -> dict:
+  """The audit of `names` on a mesh of this process's first `devices` devices."""
+  from care_jax import cli
+  config = cli.load_config(preset=preset)
+  config.precision = precision
+  if image_size:
+    config.data.image_size = image_size
+  if len(jax.devices()) < devices:
+    raise ValueError(f"{devices} devices asked for, {len(jax.devices())} present")
+  mesh = parallel.create_mesh(jax.devices()[:devices])
+  return audit(config, mesh, batch_per_device, names=names)
+
+
+def main(argv=None) -> None:
+  """One device count of `python -m care_jax.bench scaling`, in a process of its own (XLA
+  fixes a CPU's number of simulated devices when it starts): prints its audit as JSON."""
+  import argparse
+  import json
+  p = argparse.ArgumentParser(prog="python -m care_jax.scaling")
+  p.add_argument("--preset", required=True)
+  p.add_argument("--precision", default="float32")
+  p.add_argument("--batch_per_device", type=int, required=True)
+  p.add_argument("--devices", type=int, required=True)
+  p.add_argument("--image_size", type=int, default=0)
+  p.add_argument("--programs", default="", help="comma-separated; empty: all")
+  args = p.parse_args(argv)
+  names = [n for n in args.programs.split(",") if n] or None
+  print(json.dumps(report_for_devices(args.preset, args.precision, args.batch_per_device,
+                                      args.devices, names, args.image_size)))
+
+
+if __name__ == "__main__":
+  main()

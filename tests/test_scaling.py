@@ -1,0 +1,58 @@
+"""Data parallelism: on several devices each device computes only its own examples."""
+import json
+import os
+import subprocess
+import sys
+
+from care_jax import scaling
+from tests.conftest import ROOT
+
+PROGRAMS = set(scaling.PROGRAMS)
+
+
+def test_every_program_computes_only_its_devices_examples():
+  """Compiled for 8 devices: no collective that moves examples' data (before the fix the
+  pretraining step all-gathered both views before the trunk's first convolution, and kNN's
+  top-k gathered every device's similarities), and per-device scratch memory within 1.5x
+  of one device's at the same per-device batch, plus the buffers of the all-reduces
+  (gradients and statistics), which one device does not need."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "tests/scripts/programs_on_devices.py"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 8
+  one, many = result["one"], result["many"]
+  assert set(one) == set(many) == PROGRAMS
+  problems = []
+  for name in sorted(PROGRAMS):
+    if many[name]["moves"]:
+      problems.append(f"{name} moves examples: {many[name]['moves'][:3]}")
+    reductions = many[name]["collectives"].get("all-reduce", [0, 0])[1]
+    allowed = 1.5 * one[name]["temp_bytes"] + reductions
+    if many[name]["temp_bytes"] > allowed:
+      problems.append(f"{name}: {many[name]['temp_bytes']} bytes per device on 8 devices, "
+                      f"{one[name]['temp_bytes']} on one, all-reduces {reductions}")
+  assert not problems, "\n".join(problems)
+  # The step reduces gradients and BatchNorm statistics over the devices.
+  assert many["pretrain_step"]["collectives"]["all-reduce"][0] > 10
+
+
+HLO = """
+  %all-gather.1 = f32[2,32,16,16,3]{4,3,2,0,1} all-gather(f32[2,4,16,16,3]{4,3,2,0,1} %p), channel_id=1, replica_groups=[1,8]<=[8], dimensions={1}, use_global_device_ids=true, metadata={op_name="jit(step)/trunk/conv1/reshape"}
+  %all-reduce.2 = (f32[16]{0}, bf16[4,8]{1,0}) all-reduce(f32[16]{0} %a, bf16[4,8]{1,0} %b), channel_id=2, to_apply=%add, metadata={op_name="jit(step)/psum"}
+  %all-gather-done = f32[8]{0} all-gather-done(%start)
+  %add.3 = f32[16]{0} add(f32[16]{0} %x, f32[16]{0} %y)
+"""
+
+
+def test_collectives_read_from_hlo():
+  found = scaling.collectives(HLO)
+  assert [c.kind for c in found] == ["all-gather", "all-reduce"]
+  gather, reduce = found
+  assert gather.shapes == (("f32", (2, 32, 16, 16, 3)),)
+  assert gather.bytes == 2 * 32 * 16 * 16 * 3 * 4
+  assert gather.op_name == "jit(step)/trunk/conv1/reshape"
+  assert reduce.bytes == 16 * 4 + 4 * 8 * 2
+  assert "all-gather f32[2,32,16,16,3]" in gather.describe()
