@@ -26,6 +26,20 @@ def tiny_config():
   return load_config("tiny")
 
 
+def run_on_devices(script: str, devices: int) -> dict:
+  """Runs tests/scripts/<script> on `devices` simulated CPU devices; the JSON of its last
+  line."""
+  import json
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, f"tests/scripts/{script}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def quick_compile(fn, *args):
   """`fn` jitted for these arguments' shapes, compiled without backend optimisation: for
   tests, whose programs run a few times at most."""

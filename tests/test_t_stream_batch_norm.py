@@ -1,10 +1,5 @@
 """T-stream BatchNorm per group of examples (the release's per-GPU BatchNorm2d), trunk and
 heads over the whole batch (its SyncBN)."""
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +11,7 @@ from care_jax.models import create_networks
 from care_jax.models.layers import GroupedBatchNorm, batch_norm
 from care_jax.models.t_stream import TStream
 from care_jax.training.train_step import apply_to_views
-from tests.conftest import ROOT, load_config, quick_jit
+from tests.conftest import load_config, quick_jit, run_on_devices
 
 
 def batch(seed=0, shape=(8, 3, 3, 5)):
@@ -152,12 +147,7 @@ def test_sharded_groups_equal_one_device():
   network with one group of 4 per device (as each GPU holds its 128 images) equals one
   device in outputs, statistics and gradient; so does the layer alone for groups within a
   device, across devices and the whole batch; groups that straddle devices are refused."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "tests/scripts/grouped_bn_on_devices.py"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_devices("grouped_bn_on_devices.py", 4)
   assert result["devices"] == 4 and result["batch"] == 16
   errors = result["relative_difference"]
   # float32 sums in another order; BatchNorm over groups of 16-64 values amplifies that in

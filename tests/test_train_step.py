@@ -1,28 +1,18 @@
 """The train step: sharding invariance, the EMA target, and mixed precision."""
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from care_jax.training import pretraining
-from tests.conftest import ROOT, load_config, quick_compile, quick_jit
+from tests.conftest import load_config, quick_compile, quick_jit, run_on_devices
 
 
 @pytest.mark.slow  # ~60 s; test_multiprocess checks 2 processes x 2 devices against 1 device
 def test_eight_devices_give_the_state_of_one():
   """Each of 8 devices computes its own 2 examples (tests/scripts/step_on_devices.py, in
   float64): the state after two steps is one device's to the rounding of float32 params."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "tests/scripts/step_on_devices.py"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_devices("step_on_devices.py", 8)
   assert result["devices"] == 8
   assert result["leaves"] > 100  # params, BN statistics, optimiser state of both networks
   assert set(result["relative_difference"]) == {
