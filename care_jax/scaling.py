@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from care_jax import parallel
 from care_jax.evaluation import features, finetune, knn, linear, monitor
@@ -76,8 +77,9 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
              cached_examples: int = 1024) -> dict:
   """name -> (jitted program, abstract arguments) for every program that pretraining and
   the evaluations jit over `mesh`, at `batch_per_device` examples per device. The cached
-  linear-evaluation features and the kNN bank hold `cached_examples` examples (the same
-  for any device count: they are a dataset's, not a batch's)."""
+  linear-evaluation features (sharded) and the kNN bank (replicated) hold
+  `cached_examples` examples (the same for any device count: they are a dataset's, not a
+  batch's)."""
   devices = mesh.devices.size
   batch = batch_per_device * devices
   cached = cached_examples
@@ -116,9 +118,11 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
       head.init(jax.random.key(0), jnp.zeros((2, feature.shape[-1])), train=False), tx)),
       replicated)
   out["linear_step"] = (head_train, (head_state, feats, labels))
+  cache = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # linear.cache_features
+  batches = -(-cached // batch)
   out["linear_epoch_on_cached_features"] = (head_epoch, (
-      head_state, bank, array((cached,), jnp.int32, replicated),
-      array((4, batch), jnp.int32, replicated)))
+      head_state, array((batches, batch, feature.shape[-1]), jnp.float32, cache),
+      array((batches, batch), jnp.int32, cache), array((4, batch), jnp.int32, replicated)))
   out["linear_counts"] = (head_counts, (head_state, feats, labels, mask))
 
   model = finetune.classifier_model(setup.online_net.trunk, num_classes, config.precision)
@@ -163,7 +167,7 @@ def audit(config, mesh, batch_per_device: int, names=None, compiler_options=None
 
 
 def report_for_devices(preset: str, precision: str, batch_per_device: int, devices: int,
-                       names, image_size: int = 0) -> dict:
+                       names, image_size: int = 0, fast_compile: bool = False) -> dict:
   """The audit of `names` on a mesh of this process's first `devices` devices."""
   from care_jax import cli
   config = cli.load_config(preset=preset)
@@ -173,7 +177,8 @@ def report_for_devices(preset: str, precision: str, batch_per_device: int, devic
   if len(jax.devices()) < devices:
     raise ValueError(f"{devices} devices asked for, {len(jax.devices())} present")
   mesh = parallel.create_mesh(jax.devices()[:devices])
-  return audit(config, mesh, batch_per_device, names=names)
+  return audit(config, mesh, batch_per_device, names=names,
+               compiler_options=pretraining.FAST_COMPILE if fast_compile else None)
 
 
 def main(argv=None) -> None:
@@ -188,10 +193,12 @@ def main(argv=None) -> None:
   p.add_argument("--devices", type=int, required=True)
   p.add_argument("--image_size", type=int, default=0)
   p.add_argument("--programs", default="", help="comma-separated; empty: all")
+  p.add_argument("--fast_compile", action="store_true")
   args = p.parse_args(argv)
   names = [n for n in args.programs.split(",") if n] or None
   print(json.dumps(report_for_devices(args.preset, args.precision, args.batch_per_device,
-                                      args.devices, names, args.image_size)))
+                                      args.devices, names, args.image_size,
+                                      args.fast_compile)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
 """Data parallelism: on several devices each device computes only its own examples."""
-import json
-import os
-import subprocess
-import sys
-
 from care_jax import scaling
-from tests.conftest import ROOT
+from tests.conftest import run_on_devices
 
 PROGRAMS = set(scaling.PROGRAMS)
 
@@ -16,12 +11,7 @@ def test_every_program_computes_only_its_devices_examples():
   top-k gathered every device's similarities), and per-device scratch memory within 1.5x
   of one device's at the same per-device batch, plus the buffers of the all-reduces
   (gradients and statistics), which one device does not need."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "tests/scripts/programs_on_devices.py"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_devices("programs_on_devices.py", 8)
   assert result["devices"] == 8
   one, many = result["one"], result["many"]
   assert set(one) == set(many) == PROGRAMS
@@ -37,6 +27,15 @@ def test_every_program_computes_only_its_devices_examples():
   assert not problems, "\n".join(problems)
   # The step reduces gradients and BatchNorm statistics over the devices.
   assert many["pretrain_step"]["collectives"]["all-reduce"][0] > 10
+
+  # Linear evaluation's cache of features (N x D float32) holds N x D x 4 / 8 bytes per
+  # device (it was replicated: N x D x 4 on every device and every host), and a batch
+  # looked up from it is the batch of the features cached.
+  cache = result["feature_cache"]
+  assert cache["bytes_per_device"] == [cache["bytes"] // 8] * 8, cache
+  assert cache["label_bytes_per_device"] == 5 * 32 * 4 // 8
+  assert cache["valid_is_the_mask"] and cache["lookup_labels_equal"], cache
+  assert cache["lookup_error"] == 0.0, cache
 
 
 HLO = """

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from care_jax import parallel, preemption
 from care_jax.data import augment, input_pipeline
@@ -55,21 +56,22 @@ def encoder_features(config, source: dict, image_size: int, mesh):
 
 
 def head_programs(head: LinearHead, tx, mesh):
-  """(train step on a batch of features, an epoch over cached features, top-1/top-5
-  counts), jitted over the mesh: the state replicated, each device on its own examples."""
+  """(train step on a batch of features, an epoch over cached features (cache_features),
+  top-1/top-5 counts), jitted over the mesh: the state replicated, each device on its own
+  examples."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   head_step = classifier.training_step(head.apply, tx)
   train_step = jax.jit(head_step, in_shardings=(replicated, sharded, sharded),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
 
+  take = take_cached_fn(mesh)
+
   @functools.partial(jax.jit, donate_argnums=(0,))
   def scan_epoch(state, feats, labels, order):
-    """One epoch over cached features [N, D] in a single dispatch: order is [steps, batch].
-    Each device takes its own slice of every batch."""
-    take = lambda x, idx: jax.lax.with_sharding_constraint(x[idx], sharded)
+    """One epoch over the cache (cache_features) in a single dispatch: order is [steps,
+    batch] of flat indices into it."""
     state, losses = jax.lax.scan(
-        lambda state, idx: head_step(state, take(feats, idx), take(labels, idx)), state,
-        order)
+        lambda state, idx: head_step(state, *take(feats, labels, idx)), state, order)
     return state, losses[-1]
 
   @functools.partial(jax.jit, in_shardings=(replicated, sharded, sharded, sharded),
@@ -102,8 +104,8 @@ def evaluate(config, workdir: str) -> dict:
     if lin.augment:
       num_train = info.num_train_examples
     else:  # Features of the examples that survived decoding, once.
-      train_feats, train_labels = _cached_train_split(features_fn, data, mesh)
-      num_train = len(train_labels)
+      train_feats, train_labels, valid = _cached_train_split(features_fn, data, mesh)
+      num_train = len(valid)
       input_pipeline.check_batch_fits(num_train, lin.global_batch_size,
                                       "linear_eval.global_batch_size")
     steps_per_epoch = input_pipeline.steps_per_epoch(num_train, lin.global_batch_size)
@@ -143,12 +145,9 @@ def evaluate(config, workdir: str) -> dict:
 
       train_epoch = loop.per_step_epochs(step_fn, batches, steps_per_epoch)
     else:
-      train_feats, train_labels = jax.device_put((train_feats, train_labels),
-                                                 parallel.replicated(mesh))
-
       def train_epoch(state, epoch, check):
         del check  # one dispatch: nothing to stop in
-        order = np.random.default_rng([config.seed, epoch]).permutation(num_train)
+        order = valid[np.random.default_rng([config.seed, epoch]).permutation(num_train)]
         order = order[:steps_per_epoch * lin.global_batch_size]
         return scan_epoch(state, train_feats, train_labels,
                           order.reshape(steps_per_epoch, lin.global_batch_size))
@@ -166,13 +165,47 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def _cached_train_split(features_fn, data, mesh):
-  """(features [N, D], labels [N]) of the decodable centre views of the train split, on
-  every host. SIGTERM stops it between batches (nothing to save: a rerun embeds again)."""
+  """cache_features of the centre views of the train split. SIGTERM stops it between
+  batches (nothing to save: a rerun embeds again)."""
   parts = []
   for part in features.apply_to_split(features_fn, data, data.train_split, mesh):
     parts.append(part)
     preemption.check()
-  gather = lambda i: np.concatenate([multihost_utils.process_allgather(p[i], tiled=True)
-                                     for p in parts])
-  feats, labels, mask = gather(0), gather(1), gather(2)
-  return feats[mask], labels[mask]
+  return cache_features(parts, mesh)
+
+
+def cache_features(parts, mesh):
+  """(features [batches, B, D], labels [batches, B], indices of the valid examples) from
+  (features, labels, mask) global batches sharded over the devices: the cache stays where
+  the batches were computed, each device holding its 1/n (never replicated: ImageNet's
+  1.28M x 2048 float32 features are 10.5 GB), and only the mask comes to the host. A flat
+  index i is example i % B of batch i // B."""
+  stack = jax.jit(lambda *xs: jnp.stack(xs),
+                  out_shardings=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+  feats, labels = stack(*[p[0] for p in parts]), stack(*[p[1] for p in parts])
+  mask = np.concatenate([multihost_utils.process_allgather(p[2], tiled=True) for p in parts])
+  return feats, labels, np.flatnonzero(mask)
+
+
+def take_cached_fn(mesh):
+  """(cached features, labels, flat indices [batch]) -> (features, labels) of the batch,
+  sharded over the devices (not jitted)."""
+  cache = P(None, parallel.DATA_AXIS)
+  return parallel.per_device(functools.partial(_take_cached, axis=parallel.DATA_AXIS), mesh,
+                             in_specs=(cache, cache, P()),
+                             out_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)))
+
+
+def _take_cached(feats, labels, idx, *, axis: str):
+  """This device's slice of the batch `idx` (flat indices, the same on every device) from
+  the cache: each device looks up the rows it holds (zeros elsewhere) and one psum of the
+  batch gives every device every row; adding zeros is exact."""
+  local, devices = feats.shape[1], jax.lax.axis_size(axis)
+  batch, row = idx // (local * devices), idx % (local * devices)
+  mine = row // local == jax.lax.axis_index(axis)
+  where = lambda x: jnp.where(mine.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+  rows = jax.lax.psum((where(feats[batch, row % local]), where(labels[batch, row % local])),
+                      axis)
+  share = idx.shape[0] // devices
+  return tuple(jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * share, share)
+               for x in rows)

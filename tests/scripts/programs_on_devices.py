@@ -1,15 +1,40 @@
 """Compiles every program pretraining and the evaluations jit over the mesh (care_jax.
 scaling) for the tiny config at 4 examples per device, on a mesh of one device and on all
-(the test sets XLA_FLAGS for 8 simulated CPU devices), and prints both audits as JSON."""
+(the test sets XLA_FLAGS for 8 simulated CPU devices), and prints both audits as JSON,
+with linear evaluation's feature cache built on all devices from random batches: its
+bytes per device and a batch looked up from it against numpy."""
 import json
 import sys
 
 import jax
+import numpy as np
 
 sys.path.insert(0, ".")
 from care_jax import parallel, scaling  # noqa: E402
+from care_jax.evaluation import linear  # noqa: E402
 from care_jax.training.pretraining import FAST_COMPILE  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
+
+
+def feature_cache(mesh):
+  rng = np.random.default_rng(0)
+  batches, batch, dim = 5, 32, 24
+  feats = rng.normal(size=(batches, batch, dim)).astype(np.float32)
+  labels = rng.integers(0, 10, (batches, batch)).astype(np.int32)
+  mask = rng.random((batches, batch)) > 0.2  # padding and undecodable images
+  parts = [parallel.host_to_global(mesh, (feats[i], labels[i], mask[i]))
+           for i in range(batches)]
+  cached_feats, cached_labels, valid = linear.cache_features(parts, mesh)
+  order = valid[rng.permutation(len(valid))[:batch]]
+  got_feats, got_labels = jax.device_get(jax.jit(linear.take_cached_fn(mesh))(
+      cached_feats, cached_labels, order))
+  return {"bytes": feats.nbytes,
+          "bytes_per_device": [s.data.nbytes for s in cached_feats.addressable_shards],
+          "label_bytes_per_device": cached_labels.addressable_shards[0].data.nbytes,
+          "valid_is_the_mask": bool(np.array_equal(valid, np.flatnonzero(mask))),
+          "lookup_error": float(np.abs(got_feats - feats.reshape(-1, dim)[order]).max()),
+          "lookup_labels_equal": bool(np.array_equal(got_labels,
+                                                     labels.reshape(-1)[order]))}
 
 
 def main():
@@ -17,7 +42,8 @@ def main():
   audit = lambda devices: scaling.audit(config, parallel.create_mesh(devices), 4,
                                         num_classes=10, compiler_options=FAST_COMPILE)
   print(json.dumps({"devices": len(jax.devices()), "one": audit(jax.devices()[:1]),
-                    "many": audit(jax.devices())}))
+                    "many": audit(jax.devices()),
+                    "feature_cache": feature_cache(parallel.create_mesh())}))
 
 
 if __name__ == "__main__":
