@@ -431,7 +431,8 @@ def bench_scaling(args) -> dict:
       out = subprocess.run(
           [sys.executable, "-m", "care_jax.scaling", f"--preset={args.preset}",
            f"--precision={args.precision}", f"--batch_per_device={args.batch_per_device}",
-           f"--devices={n}", f"--image_size={args.image_size}", f"--programs={names}"],
+           f"--devices={n}", f"--image_size={args.image_size}", f"--programs={names}"]
+          + (["--fast_compile"] if args.fast_compile else []),
           env=env, capture_output=True, text=True)
       if out.returncode:
         raise RuntimeError(f"compiling for {n} devices failed:\n{out.stderr[-3000:]}")
@@ -440,7 +441,7 @@ def bench_scaling(args) -> dict:
       from care_jax import scaling
       report = scaling.report_for_devices(args.preset, args.precision, args.batch_per_device,
                                           n, [x for x in names.split(",") if x] or None,
-                                          args.image_size)
+                                          args.image_size, args.fast_compile)
     reports[n] = report
     for name, r in report.items():
       reduced = r["collectives"].get("all-reduce", [0, 0])
@@ -512,6 +513,9 @@ def main(argv=None) -> None:
   p.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
   p.add_argument("--programs", default="pretrain_step",
                  help="comma-separated names of care_jax.scaling.programs, or all")
+  p.add_argument("--fast_compile", action="store_true",
+                 help="compile without XLA's backend optimisations (other memory figures): "
+                      "for smoke tests of this command only")
   p.set_defaults(run=bench_scaling)
 
   args = parser.parse_args(argv)

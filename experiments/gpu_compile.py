@@ -19,7 +19,6 @@ cores). The last line printed is a JSON list of the figures.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 

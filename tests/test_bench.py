@@ -181,7 +181,7 @@ def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
   """Simulated CPU devices, one child process per count: the step keeps each device on its
   own examples as the count doubles."""
   code, result, err = run_bench(capsys, "scaling", "--preset=tiny", "--batch_per_device=2",
-                                "--devices=1,2")
+                                "--devices=1,2", "--fast_compile")
   assert code == 0, err
   assert result["device"] == "simulated CPU devices"
   assert set(result["by_device_count"]) == {"1", "2"}
