@@ -8,6 +8,7 @@ collective-permute in one of these programs moves examples' activations between 
 which is what `python -m care_jax.bench scaling` and tests/test_scaling.py look for.
 """
 import dataclasses
+import math
 import re
 
 import jax
@@ -16,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from care_jax import parallel
-from care_jax.evaluation import features, finetune, knn, linear, monitor
+from care_jax.evaluation import classifier, features, finetune, knn, linear, monitor
 from care_jax.training import pretraining
 from care_jax.training.online_probe import OnlineProbe
 
@@ -55,17 +56,10 @@ def collectives(hlo_text: str) -> list:
       continue
     shapes = tuple((dtype, tuple(int(d) for d in dims.split(",") if d))
                    for dtype, dims in _ARRAY.findall(match["shape"]))
-    size = sum(_DTYPE_BYTES.get(dtype, 4) * _product(dims) for dtype, dims in shapes)
+    size = sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(dims) for dtype, dims in shapes)
     op_name = _OP_NAME.search(line)
     found.append(Collective(match["kind"], shapes, size, op_name[1] if op_name else ""))
   return found
-
-
-def _product(dims) -> int:
-  out = 1
-  for d in dims:
-    out *= d
-  return out
 
 
 def _abstract(tree, sharding):
@@ -136,7 +130,6 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
 
 
 def _classifier_state(variables, tx):
-  from care_jax.evaluation import classifier
   return classifier.initial_state(variables["params"], variables["batch_stats"], tx)
 
 
