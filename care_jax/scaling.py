@@ -70,10 +70,9 @@ def _abstract(tree, sharding):
 def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
              cached_examples: int = 1024) -> dict:
   """name -> (jitted program, abstract arguments) for every program that pretraining and
-  the evaluations jit over `mesh`, at `batch_per_device` examples per device. The cached
-  linear-evaluation features (sharded) and the kNN bank (replicated) hold
-  `cached_examples` examples (the same for any device count: they are a dataset's, not a
-  batch's)."""
+  the evaluations jit over `mesh`, at `batch_per_device` examples per device. The kNN
+  bank and linear evaluation's cached features hold `cached_examples` examples (the same
+  for any device count: they are a dataset's, not a batch's), sharded over the devices."""
   devices = mesh.devices.size
   batch = batch_per_device * devices
   cached = cached_examples
@@ -96,12 +95,14 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
   feature = jax.eval_shape(embed, encoder, images)
   feats = array(feature.shape, jnp.float32, sharded)
   out["trunk_features"] = (embed, (encoder, images))
-  bank = array((cached, feature.shape[-1]), jnp.float32, replicated)
+  stacked = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # features.stack_batches
+  batches = -(-cached // batch)
+  cache = array((batches, batch, feature.shape[-1]), jnp.float32, stacked)
+  cache_labels = array((batches, batch), jnp.int32, stacked)
   out["knn_count"] = (
       knn.count_fn(mesh, k=config.monitor.knn_k, temperature=config.monitor.knn_temperature,
                    num_classes=num_classes),
-      (feats, labels, mask, bank, array((cached,), jnp.int32, replicated),
-       array((cached,), jnp.bool_, replicated)))
+      (feats, labels, mask, cache, cache_labels, array((batches, batch), jnp.bool_, stacked)))
   out["online_probe_count"] = (monitor.probe_count_fn(probe, mesh),
                                (state.probe.params, feats, labels, mask))
 
@@ -112,11 +113,8 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
       head.init(jax.random.key(0), jnp.zeros((2, feature.shape[-1])), train=False), tx)),
       replicated)
   out["linear_step"] = (head_train, (head_state, feats, labels))
-  cache = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # linear.cache_features
-  batches = -(-cached // batch)
   out["linear_epoch_on_cached_features"] = (head_epoch, (
-      head_state, array((batches, batch, feature.shape[-1]), jnp.float32, cache),
-      array((batches, batch), jnp.int32, cache), array((4, batch), jnp.int32, replicated)))
+      head_state, cache, cache_labels, array((4, batch), jnp.int32, replicated)))
   out["linear_counts"] = (head_counts, (head_state, feats, labels, mask))
 
   model = finetune.classifier_model(setup.online_net.trunk, num_classes, config.precision)

@@ -12,8 +12,10 @@ import json
 from typing import Callable, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from care_jax import parallel
 from care_jax.data import augment, input_pipeline
@@ -86,3 +88,13 @@ def apply_to_split(fn: Callable, data_config, split: str, mesh,
     images, labels, mask = parallel.host_to_global(
         mesh, (batch["image"], batch["label"], batch["mask"]))
     yield fn(images), labels, mask
+
+
+def stack_batches(batches, mesh) -> tuple:
+  """(features, labels, mask) global batches, e.g. of apply_to_split, each stacked into
+  [batches, B, ...] with B sharded over the devices as the batches were: nothing moves, and
+  a device holds 1/n of a split's features (the kNN bank, linear evaluation's cache). A
+  flat index i is example i % B of batch i // B."""
+  stack = jax.jit(lambda *xs: jnp.stack(xs),
+                  out_shardings=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+  return tuple(stack(*parts) for parts in zip(*batches))

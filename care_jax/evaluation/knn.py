@@ -6,11 +6,13 @@ similar bank examples vote for their class with weight exp(similarity / temperat
 the class with the largest vote is the prediction. No training, so it measures the
 features themselves, and it takes one pass over the bank and the eval split.
 
-The bank is replicated on every device and the queries are sharded over the batch axis,
-so each device ranks its own queries against the whole bank (one matrix product, under
-shard_map: left to jit, XLA gathered every device's similarities for the top-k) and only
-the count of correct predictions is summed over the devices. A bank of N examples with
-D-dim features takes N x D x 4 bytes per device (100,000 x 2048: 0.8 GB).
+The bank stays sharded over the devices as its batches were embedded (features.
+stack_batches): a bank of N examples with D-dim features takes N x D x 4 / n bytes per
+device (100,000 x 2048 on 8 GPUs: 0.1 GB). For each batch of queries (sharded too), every
+device ranks all the batch's queries against its part of the bank and keeps its k best;
+an all-to-all brings each device every part's candidates for its own queries, and the k
+best of those are the k best of the whole bank; only the counts are summed over the
+devices. What moves is the query batch and k candidates a query, never the bank.
 """
 import functools
 from typing import Optional
@@ -21,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from care_jax import parallel
+from care_jax.evaluation import features
 
 
 def bank_indices(num_train_examples: int, bank_size: int, seed: int) -> Optional[np.ndarray]:
@@ -37,16 +40,27 @@ def _unit(x):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def weighted_votes(queries, bank, bank_labels, bank_mask, *, k: int, temperature: float,
-                   num_classes: int):
-  """[Q, num_classes] votes of the k nearest valid bank examples of each query."""
+def nearest(queries, bank, bank_labels, bank_mask, k: int):
+  """(similarities [Q, k'], labels [Q, k']) of the k' = min(k, bank size) most similar
+  bank examples of each query; -inf for invalid ones."""
   similarity = _unit(queries) @ _unit(bank).T
   similarity = jnp.where(bank_mask[None, :], similarity, -jnp.inf)
   top, index = jax.lax.top_k(similarity, min(k, bank.shape[0]))
+  return top, bank_labels[index]
+
+
+def votes_of(top, top_labels, *, temperature: float, num_classes: int):
+  """[Q, num_classes]: each neighbour votes for its class with exp(similarity / T)."""
   weights = jnp.where(jnp.isfinite(top), jnp.exp(top / temperature), 0.0)
-  votes = jnp.zeros((queries.shape[0], num_classes), jnp.float32)
-  rows = jnp.arange(queries.shape[0])[:, None]
-  return votes.at[rows, bank_labels[index]].add(weights)
+  votes = jnp.zeros((top.shape[0], num_classes), jnp.float32)
+  return votes.at[jnp.arange(top.shape[0])[:, None], top_labels].add(weights)
+
+
+def weighted_votes(queries, bank, bank_labels, bank_mask, *, k: int, temperature: float,
+                   num_classes: int):
+  """[Q, num_classes] votes of the k nearest valid bank examples of each query."""
+  top, top_labels = nearest(queries, bank, bank_labels, bank_mask, k)
+  return votes_of(top, top_labels, temperature=temperature, num_classes=num_classes)
 
 
 def correct_count(queries, labels, mask, bank, bank_labels, bank_mask, *, k: int,
@@ -57,30 +71,47 @@ def correct_count(queries, labels, mask, bank, bank_labels, bank_mask, *, k: int
   return jnp.sum((jnp.argmax(votes, axis=-1) == labels) & mask)
 
 
+def _count_on_device(queries, labels, mask, bank, bank_labels, bank_mask, *, k: int,
+                     temperature: float, num_classes: int, axis: str):
+  """This device's share of correct_count for the whole sharded bank (module docstring)."""
+  devices = jax.lax.axis_size(axis)
+  every_query = jax.lax.all_gather(queries, axis, tiled=True)
+  top, top_labels = nearest(every_query, bank.reshape(-1, bank.shape[-1]),
+                            bank_labels.reshape(-1), bank_mask.reshape(-1), k)
+  # [devices (whose queries), own queries, k'] -> [devices (whose bank part), own queries,
+  # k'] -> [own queries, every part's k']
+  split = lambda x: x.reshape((devices, queries.shape[0]) + x.shape[1:])
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(queries.shape[0], -1)
+  top, top_labels = (merge(jax.lax.all_to_all(split(x), axis, 0, 0))
+                     for x in (top, top_labels))
+  top, index = jax.lax.top_k(top, min(k, top.shape[1]))
+  top_labels = jnp.take_along_axis(top_labels, index, axis=1)
+  votes = votes_of(top, top_labels, temperature=temperature, num_classes=num_classes)
+  return jax.lax.psum(jnp.sum((jnp.argmax(votes, axis=-1) == labels) & mask), axis)
+
+
 def count_fn(mesh, *, k: int, temperature: float, num_classes: int):
-  """(queries, labels, mask sharded; bank, bank labels, bank mask replicated) -> correct
-  count (replicated), jitted: each device counts its own queries, the counts are summed."""
-  count = functools.partial(correct_count, k=k, temperature=temperature,
-                            num_classes=num_classes)
-  sharded, whole = P(parallel.DATA_AXIS), P()
+  """(queries, labels, mask sharded; the bank's features, labels and mask stacked as
+  features.stack_batches leaves them) -> correct count (replicated), jitted."""
+  sharded, bank = P(parallel.DATA_AXIS), P(None, parallel.DATA_AXIS)
   return jax.jit(parallel.per_device(
-      lambda *args: jax.lax.psum(count(*args), parallel.DATA_AXIS), mesh,
-      in_specs=(sharded, sharded, sharded, whole, whole, whole), out_specs=whole))
+      functools.partial(_count_on_device, k=k, temperature=temperature,
+                        num_classes=num_classes, axis=parallel.DATA_AXIS), mesh,
+      in_specs=(sharded, sharded, sharded, bank, bank, bank), out_specs=P()))
 
 
 class Knn:
   """A bank of labelled features on the mesh, and kNN counts of query batches against it."""
 
   def __init__(self, mesh, *, k: int, temperature: float, num_classes: int):
-    self._gather = jax.jit(lambda *xs: tuple(jnp.concatenate(x) for x in zip(*xs)),
-                           out_shardings=parallel.replicated(mesh))
+    self._mesh = mesh
     self._count = count_fn(mesh, k=k, temperature=temperature, num_classes=num_classes)
     self._bank = None
 
   def set_bank(self, batches) -> None:
     """batches: (features, labels, mask) global arrays, e.g. of the train split."""
-    self._bank = self._gather(*batches)
+    self._bank = features.stack_batches(batches, self._mesh)
 
-  def correct(self, features, labels, mask):
+  def correct(self, queries, labels, mask):
     """Correctly classified valid examples of one batch (a replicated scalar)."""
-    return self._count(features, labels, mask, *self._bank)
+    return self._count(queries, labels, mask, *self._bank)

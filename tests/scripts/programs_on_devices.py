@@ -1,8 +1,9 @@
 """Compiles every program pretraining and the evaluations jit over the mesh (care_jax.
 scaling) for the tiny config at 4 examples per device, on a mesh of one device and on all
 (the test sets XLA_FLAGS for 8 simulated CPU devices), and prints both audits as JSON,
-with linear evaluation's feature cache built on all devices from random batches: its
-bytes per device and a batch looked up from it against numpy."""
+with linear evaluation's feature cache and the kNN bank built on all devices from random
+batches: their bytes per device, a batch looked up from the cache against numpy, and the
+kNN count against the bank against the count on one device with the whole bank."""
 import json
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from care_jax import parallel, scaling  # noqa: E402
-from care_jax.evaluation import linear  # noqa: E402
+from care_jax.evaluation import features, knn, linear  # noqa: E402
 from care_jax.training.pretraining import FAST_COMPILE  # noqa: E402
 from tests.conftest import load_config  # noqa: E402
 
@@ -37,13 +38,39 @@ def feature_cache(mesh):
                                                      labels.reshape(-1)[order]))}
 
 
+def knn_bank(mesh):
+  rng = np.random.default_rng(1)
+  batches, batch, dim, classes = 6, 32, 16, 5
+  centres = rng.normal(size=(classes, dim))
+  bank_labels = rng.integers(0, classes, (batches, batch)).astype(np.int32)
+  bank = (centres[bank_labels] + rng.normal(size=(batches, batch, dim))).astype(np.float32)
+  bank_mask = rng.random((batches, batch)) > 0.1
+  query_labels = rng.integers(0, classes, 2 * batch).astype(np.int32)
+  queries = (centres[query_labels] + rng.normal(size=(2 * batch, dim))).astype(np.float32)
+  query_mask = rng.random(2 * batch) > 0.1
+  stacked = features.stack_batches(
+      [parallel.host_to_global(mesh, (bank[i], bank_labels[i], bank_mask[i]))
+       for i in range(batches)], mesh)
+  count = knn.count_fn(mesh, k=20, temperature=0.07, num_classes=classes)
+  sharded = int(count(*parallel.host_to_global(mesh, (queries, query_labels, query_mask)),
+                      *stacked))
+  whole = int(jax.jit(knn.correct_count, static_argnames=("k", "temperature", "num_classes"))(
+      queries, query_labels, query_mask, bank.reshape(-1, dim), bank_labels.reshape(-1),
+      bank_mask.reshape(-1), k=20, temperature=0.07, num_classes=classes))
+  return {"bytes": bank.nbytes,
+          "bytes_per_device": [s.data.nbytes for s in stacked[0].addressable_shards],
+          "correct_sharded": sharded, "correct_whole_bank": whole,
+          "valid_queries": int(query_mask.sum())}
+
+
 def main():
   config = load_config("tiny")
   audit = lambda devices: scaling.audit(config, parallel.create_mesh(devices), 4,
                                         num_classes=10, compiler_options=FAST_COMPILE)
   print(json.dumps({"devices": len(jax.devices()), "one": audit(jax.devices()[:1]),
                     "many": audit(jax.devices()),
-                    "feature_cache": feature_cache(parallel.create_mesh())}))
+                    "feature_cache": feature_cache(parallel.create_mesh()),
+                    "knn_bank": knn_bank(parallel.create_mesh())}))
 
 
 if __name__ == "__main__":
