@@ -2,10 +2,11 @@
 its memory and its collectives, read from the compiled program (nothing runs).
 
 Data parallelism means a device computes only its own examples: the per-device memory of a
-program stays that of one device at the same per-device batch, and the only collectives are
-all-reduces (gradients, BatchNorm statistics, counts). An all-gather, all-to-all or
-collective-permute in one of these programs moves examples' activations between devices,
-which is what `python -m care_jax.bench scaling` and tests/test_scaling.py look for.
+program stays that of one device at the same per-device batch, and the collectives are
+all-reduces (gradients, BatchNorm statistics, counts), plus kNN's, which moves each batch
+of queries and their candidates to the sharded bank (never the bank). Any other all-gather,
+all-to-all or collective-permute moves examples' activations between devices: what
+`python -m care_jax.bench scaling` and tests/test_scaling.py look for.
 """
 import dataclasses
 import math
@@ -75,7 +76,6 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
   for any device count: they are a dataset's, not a batch's), sharded over the devices."""
   devices = mesh.devices.size
   batch = batch_per_device * devices
-  cached = cached_examples
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   size = config.data.image_size
   array = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -96,7 +96,7 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
   feats = array(feature.shape, jnp.float32, sharded)
   out["trunk_features"] = (embed, (encoder, images))
   stacked = NamedSharding(mesh, P(None, parallel.DATA_AXIS))  # features.stack_batches
-  batches = -(-cached // batch)
+  batches = -(-cached_examples // batch)
   cache = array((batches, batch, feature.shape[-1]), jnp.float32, stacked)
   cache_labels = array((batches, batch), jnp.int32, stacked)
   out["knn_count"] = (

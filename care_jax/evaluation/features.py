@@ -95,6 +95,11 @@ def stack_batches(batches, mesh) -> tuple:
   [batches, B, ...] with B sharded over the devices as the batches were: nothing moves, and
   a device holds 1/n of a split's features (the kNN bank, linear evaluation's cache). A
   flat index i is example i % B of batch i // B."""
-  stack = jax.jit(lambda *xs: jnp.stack(xs),
-                  out_shardings=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+  stack = _stacker(mesh)
   return tuple(stack(*parts) for parts in zip(*batches))
+
+
+@functools.lru_cache(maxsize=4)
+def _stacker(mesh):  # one jitted function a mesh: the monitor restacks its bank each time
+  return jax.jit(lambda *xs: jnp.stack(xs),
+                 out_shardings=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
