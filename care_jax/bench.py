@@ -398,52 +398,17 @@ def bench_scaling(args) -> dict:
   run) for each device count at the same per-device batch (care_jax.scaling). On a CPU
   each count is a child process with that many simulated devices; on GPUs the first N
   devices of this machine."""
-  import subprocess
-
   import jax
 
-  try:
-    counts = sorted({int(n) for n in args.devices.split(",") if n})
-  except ValueError:
-    counts = []
-  if not counts or counts[0] < 1:
-    raise UserError(f"--devices takes device counts, comma-separated (e.g. 1,2,4,8); got "
-                    f"{args.devices!r}.")
-  if args.batch_per_device < 1:
-    raise UserError(f"--batch_per_device must be at least 1, got {args.batch_per_device}.")
-  _preset_config(args.preset)
-  from care_jax.scaling import PROGRAMS
-  names = "" if args.programs == "all" else args.programs
-  unknown = sorted(set(n for n in names.split(",") if n) - set(PROGRAMS))
-  if unknown:
-    raise UserError(f"--programs: unknown {unknown}; choose from {', '.join(PROGRAMS)} "
-                    "or all.")
+  counts, names = _scaling_arguments(args)
   simulated = jax.default_backend() == "cpu"
   if not simulated and len(jax.devices()) < counts[-1]:
     raise UserError(f"{counts[-1]} devices asked for; this machine has {len(jax.devices())} "
                     f"{jax.default_backend()} devices.")
   reports = {}
   for n in counts:
-    if simulated:
-      env = dict(os.environ, JAX_PLATFORMS="cpu",
-                 XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                           f"--xla_force_host_platform_device_count={n}".strip())
-      out = subprocess.run(
-          [sys.executable, "-m", "care_jax.scaling", f"--preset={args.preset}",
-           f"--precision={args.precision}", f"--batch_per_device={args.batch_per_device}",
-           f"--devices={n}", f"--image_size={args.image_size}", f"--programs={names}"]
-          + (["--fast_compile"] if args.fast_compile else []),
-          env=env, capture_output=True, text=True)
-      if out.returncode:
-        raise RuntimeError(f"compiling for {n} devices failed:\n{out.stderr[-3000:]}")
-      report = json.loads(out.stdout.strip().splitlines()[-1])
-    else:
-      from care_jax import scaling
-      report = scaling.report_for_devices(args.preset, args.precision, args.batch_per_device,
-                                          n, [x for x in names.split(",") if x] or None,
-                                          args.image_size, args.fast_compile)
-    reports[n] = report
-    for name, r in report.items():
+    reports[n] = _scaling_report(args, n, names, simulated)
+    for name, r in reports[n].items():
       reduced = r["collectives"].get("all-reduce", [0, 0])
       print(f"{n} devices, {name}: temp {r['temp_bytes'] / 2**30:.3f} GiB per device, "
             f"all-reduce {reduced[1] / 2**20:.1f} MiB in {reduced[0]}, "
@@ -458,6 +423,50 @@ def bench_scaling(args) -> dict:
           "per_device_temp_relative_to_fewest": ratios,
           "by_device_count": {str(n): r for n, r in reports.items()},
           "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
+def _scaling_arguments(args):
+  """(sorted device counts, comma-separated program names or '' for all), checked."""
+  from care_jax.scaling import PROGRAMS
+  try:
+    counts = sorted({int(n) for n in args.devices.split(",") if n})
+  except ValueError:
+    counts = []
+  if not counts or counts[0] < 1:
+    raise UserError(f"--devices takes device counts, comma-separated (e.g. 1,2,4,8); got "
+                    f"{args.devices!r}.")
+  if args.batch_per_device < 1:
+    raise UserError(f"--batch_per_device must be at least 1, got {args.batch_per_device}.")
+  _preset_config(args.preset)
+  names = "" if args.programs == "all" else args.programs
+  unknown = sorted(set(n for n in names.split(",") if n) - set(PROGRAMS))
+  if unknown:
+    raise UserError(f"--programs: unknown {unknown}; choose from {', '.join(PROGRAMS)} "
+                    "or all.")
+  return counts, names
+
+
+def _scaling_report(args, devices: int, names: str, simulated: bool) -> dict:
+  """care_jax.scaling's audit for one device count: in a child process with that many
+  simulated CPU devices, or on this machine's first `devices` devices."""
+  if not simulated:
+    from care_jax import scaling
+    return scaling.report_for_devices(args.preset, args.precision, args.batch_per_device,
+                                      devices, [x for x in names.split(",") if x] or None,
+                                      args.image_size, args.fast_compile)
+  import subprocess
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                       f"--xla_force_host_platform_device_count={devices}".strip())
+  out = subprocess.run(
+      [sys.executable, "-m", "care_jax.scaling", f"--preset={args.preset}",
+       f"--precision={args.precision}", f"--batch_per_device={args.batch_per_device}",
+       f"--devices={devices}", f"--image_size={args.image_size}", f"--programs={names}"]
+      + (["--fast_compile"] if args.fast_compile else []),
+      env=env, capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"compiling for {devices} devices failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
