@@ -117,7 +117,7 @@ def programs(config, mesh, batch_per_device: int, num_classes: int = 1000,
       head_state, cache, cache_labels, array((4, batch), jnp.int32, replicated)))
   out["linear_counts"] = (head_counts, (head_state, feats, labels, mask))
 
-  model = finetune.classifier_model(setup.online_net.trunk, num_classes, config.precision)
+  model = classifier.classifier_model(setup.online_net.trunk, num_classes, config.precision)
   tune_train, tune_logits, _ = finetune.programs(model, tx, mesh)
   tune_state = _abstract(jax.eval_shape(lambda: _classifier_state(
       model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False), tx)),

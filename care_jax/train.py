@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from care_jax import checkpointing, errors, metric_writers, parallel, preemption
+from care_jax import checkpointing, errors, metric_writers, parallel, plan, preemption
 from care_jax.data import input_pipeline
 from care_jax.evaluation import monitor as monitor_lib
 from care_jax.training import divergence, online_probe, pretraining
@@ -46,6 +46,7 @@ def pretrain(config, workdir: str) -> dict:
   steps_per_epoch, total_steps = schedule_length(config, info.num_train_examples)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.global_batch_size, mesh)
+  plan.check_fits(config, mesh, info.num_train_examples, info.num_classes)  # GPUs only
   if info.num_classes < 2 and (config.monitor.online_probe or config.monitor.every_steps > 0):
     logging.info("%s has no labels (one class): no online probe and no kNN monitor.",
                  info.name)

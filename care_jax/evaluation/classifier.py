@@ -1,8 +1,16 @@
 """A classifier's state, training step and top-1/top-5 counts: what linear evaluation (a
 head on frozen features) and fine-tuning (trunk and head) train the same way."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from care_jax.training import state as state_lib
+
+head = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
+                         bias_init=nn.initializers.zeros)
 
 
 def initial_state(params, batch_stats, tx) -> dict:
@@ -45,3 +53,22 @@ def correct_counts(logits, labels, mask):
 def accuracy(counts) -> dict:
   top1, top5, examples = (int(c) for c in jax.device_get(counts))
   return {"top1": top1 / examples, "top5": top5 / examples, "examples": examples}
+
+
+class Classifier(nn.Module):
+  """A CARE trunk, global average pooling and a linear layer."""
+  trunk: nn.Module
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    _, layer4 = self.trunk(images, train=train)
+    pooled = jnp.mean(layer4, axis=(1, 2)).astype(jnp.float32)
+    return head(self.num_classes, name="head")(pooled)
+
+
+def classifier_model(trunk, num_classes: int, precision: str) -> Classifier:
+  """The pretraining network's trunk with a head; its BatchNorms in training mode reduce
+  over the sharded batch as XLA partitions them (no shard_map axis: a plain jitted step)."""
+  return Classifier(trunk.clone(dtype=state_lib.PRECISIONS[precision], axis_name=None),
+                    num_classes)

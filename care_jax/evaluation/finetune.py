@@ -13,7 +13,6 @@ evaluation.
 import functools
 import logging
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,27 +20,10 @@ import optax
 from care_jax import errors, parallel
 from care_jax.data import augment, input_pipeline, sources
 from care_jax.evaluation import classifier, encoders, features, loop
-from care_jax.training import state as state_lib
 
 ENCODERS = ("pretrained", "random_init")
 LABELS = {"1pct": 0.01, "10pct": 0.1, "all": 1.0}
 IMAGENET_SUBSETS = {"1pct": "imagenet2012_subset/1pct", "10pct": "imagenet2012_subset/10pct"}
-
-_head = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
-                          bias_init=nn.initializers.zeros)
-
-
-class Classifier(nn.Module):
-  """A CARE trunk, global average pooling and a linear layer."""
-  trunk: nn.Module
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, images, train: bool):
-    _, layer4 = self.trunk(images, train=train)
-    pooled = jnp.mean(layer4, axis=(1, 2)).astype(jnp.float32)
-    return _head(self.num_classes, name="head")(pooled)
-
 
 def labelled_data(config):
   """(train data config, indices of the labelled examples or None for all of them)."""
@@ -65,14 +47,7 @@ def _initial_trunk(config, source: dict, image_size: int, mesh):
   return network.trunk, variables["params"]["trunk"], variables["batch_stats"]["trunk"]
 
 
-def classifier_model(trunk, num_classes: int, precision: str) -> Classifier:
-  """The pretraining network's trunk with a head; its BatchNorms in training mode reduce
-  over the sharded batch as XLA partitions them (no shard_map axis: a plain jitted step)."""
-  return Classifier(trunk.clone(dtype=state_lib.PRECISIONS[precision], axis_name=None),
-                    num_classes)
-
-
-def programs(model: Classifier, tx, mesh):
+def programs(model: classifier.Classifier, tx, mesh):
   """(train step, logits of eval images, top-1/top-5 counts), jitted over the mesh: the
   state replicated, the batch sharded, so each device computes its own examples."""
   replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -115,8 +90,8 @@ def finetune(config, workdir: str) -> dict:
   batches = None
   try:
     trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size, mesh)
-    model = classifier_model(trunk, info.num_classes, config.precision)
-    head = _head(info.num_classes).init(jax.random.key(config.seed),
+    model = classifier.classifier_model(trunk, info.num_classes, config.precision)
+    head = classifier.head(info.num_classes).init(jax.random.key(config.seed),
                                         jnp.zeros((1, trunk.out_channels)))["params"]
     lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
     tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
