@@ -12,6 +12,8 @@ too. Left to jit, the vmap over the two views merged the view axis into the shar
 axis, which XLA could only partition by gathering every activation onto every device
 (care_jax.scaling checks every program for that).
 """
+import collections
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -61,3 +63,22 @@ def jit_train_step(step_fn, mesh: Mesh):
   """jit with the state replicated and donated, the batch sharded, metrics replicated."""
   return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+
+
+class InFlight:
+  """Lets at most `depth` dispatched programs run ahead: each call waits for the result
+  passed `depth` calls earlier.
+
+  XLA:CPU deadlocks when dozens of programs with collectives are queued on its simulated
+  devices: the full-count rehearsal's evaluation loops, fed from a cache, hung that way
+  (docs/scale.md). Two in flight keep a GPU as busy as more would.
+  """
+
+  def __init__(self, depth: int = 2):
+    self._depth, self._pending = depth, collections.deque()
+
+  def __call__(self, result):
+    self._pending.append(result)
+    if len(self._pending) > self._depth:
+      jax.block_until_ready(self._pending.popleft())
+    return result

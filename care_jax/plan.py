@@ -7,7 +7,7 @@ monitor, each evaluation), memory per host, disk, input rate and time.
 Nothing is compiled and nothing allocated: the networks are traced abstractly
 (jax.eval_shape). The training step's memory is its arguments (the state and the batch),
 its gradients, and activations per image pair scaled from what XLA:GPU's compiled R50 step
-needs on an H100 (the one measured GPU, within 2% of its measured peaks) by the ratio of
+needs on an H100 (the one measured GPU: within 3% of its measured peaks) by the ratio of
 this config's backward-pass residuals to R50's: docs/scale.md says how, and how well.
 Exit status 0 when the run fits, 2 with one line saying what does not and what to change.
 """
@@ -316,7 +316,8 @@ def make_plan(config, devices: Devices, nodes: int = 1, pairs_per_sec=None,
   basis = "--pairs_per_sec"
   if pairs_per_sec is None:
     pairs_per_sec, basis = pairs_per_second(config, devices)
-  steps_per_sec = None if pairs_per_sec is None else pairs_per_sec * total / config.global_batch_size
+  steps_per_sec = (None if pairs_per_sec is None
+                   else pairs_per_sec * total / config.global_batch_size)
   rows, needs = host_and_disk(config, networks, devices, nodes, dataset, steps_per_sec)
   plan.rows.extend(rows)
   host_have = host_memory_gib or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB

@@ -95,6 +95,7 @@ def pretrain(config, workdir: str) -> dict:
                                      first_profile=start_step + config.log_every_steps)
     hooks.append(profile)
   period = _Period(start_step)
+  in_flight = parallel.InFlight()
   metrics = {}
   try:
     for step in range(start_step, total_steps):
@@ -105,6 +106,7 @@ def pretrain(config, workdir: str) -> dict:
       if probe is None:
         batch.pop("label")
       state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
+      in_flight(metrics)  # not the state: the next step donates it
       done = step + 1
       for hook in hooks:
         hook(done)
@@ -114,6 +116,14 @@ def pretrain(config, workdir: str) -> dict:
         writer.write_scalars(done, scalars)
         guard.check_metrics(done, scalars, mgr.latest_step())
         metrics = scalars
+      stop = done < total_steps and preemption.requested(mgr, done)
+      if stop or done == total_steps or mgr.should_save(done):
+        guard.check_state(done, state, metrics, mgr.latest_step())  # never save non-finite
+        checkpointing.save(mgr, done, state, force=True)
+      if stop:
+        mgr.wait_until_finished()
+        raise preemption.Preempted(done)
+      # After the save: an evaluation that fails must not cost the steps since the last one.
       if monitor is not None and monitor.due(done, total_steps):
         evaluation = monitor.evaluate(state)
         period.start += evaluation["monitor_seconds"]  # not training time
@@ -122,13 +132,6 @@ def pretrain(config, workdir: str) -> dict:
             f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
             f" ({evaluation['monitor_seconds']:.0f} s)")
         metrics = {**metrics, **evaluation}
-      stop = done < total_steps and preemption.requested(mgr, done)
-      if stop or done == total_steps or mgr.should_save(done):
-        guard.check_state(done, state, metrics, mgr.latest_step())  # never save non-finite
-        checkpointing.save(mgr, done, state, force=True)
-      if stop:
-        mgr.wait_until_finished()
-        raise preemption.Preempted(done)
   finally:
     if profile is not None:
       profile.close()  # a run stopped inside the profiled steps still ends its trace

@@ -26,14 +26,17 @@ def tiny_config():
   return load_config("tiny")
 
 
-def run_on_devices(script: str, devices: int) -> dict:
+def run_on_devices(script: str, devices: int, collective_timeout: int = 600) -> dict:
   """Runs tests/scripts/<script> on `devices` simulated CPU devices; the JSON of its last
   line."""
   import json
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  # XLA:CPU aborts a collective whose devices arrive over 40 s apart, which simulated devices
+  # sharing two busy cores can do (the full-count rehearsal hit it, docs/scale.md).
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       f"--xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout}")
   out = subprocess.run([sys.executable, f"tests/scripts/{script}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

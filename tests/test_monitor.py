@@ -157,3 +157,23 @@ def test_demo_preset_writes_knn_and_probe_accuracy_to_tensorboard(tmp_path, fmni
   # Features of a (nearly) random network already separate Fashion-MNIST's classes well
   # above chance (0.1) under kNN: labels and features are paired correctly.
   assert read("knn_top1")[-1] > 0.4
+
+
+def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image_folder,
+                                                                monkeypatch):
+  """The full-count rehearsal's monitor crashed after the last step, which had not been
+  saved: the save now comes before any evaluation."""
+  from care_jax import checkpointing, train
+  from care_jax.evaluation import monitor
+
+  def crash(self, state):
+    raise RuntimeError("the monitor failed")
+
+  monkeypatch.setattr(monitor.Monitor, "evaluate", crash)
+  config = load_config("tiny")
+  config.data.update(name="image_folder", folder_root=image_folder)
+  config.update(num_train_steps=3, checkpoint_every_steps=100)
+  config.monitor.every_steps = 3
+  with pytest.raises(RuntimeError, match="the monitor failed"):
+    train.pretrain(config, str(tmp_path))
+  assert checkpointing.manager(str(tmp_path), keep=1, read_only=True).latest_step() == 3

@@ -72,3 +72,11 @@ def test_collectives_read_from_hlo():
   assert gather.op_name == "jit(step)/trunk/conv1/reshape"
   assert reduce.bytes == 16 * 4 + 4 * 8 * 2
   assert "all-gather f32[2,32,16,16,3]" in gather.describe()
+
+
+def test_evaluation_loops_bound_their_queue_of_collective_programs():
+  """The rehearsal's monitor and linear evaluation hung on 8 simulated devices with dozens
+  of such programs queued (and the script does without parallel.InFlight, which keeps
+  two). XLA:CPU gives up after 60 s here, so a regression fails instead of hanging."""
+  out = run_on_devices("queued_collectives.py", 8, collective_timeout=60)
+  assert out == {"a": 60 * 8 * 128 * 128, "b": 60 * 8 * 64}

@@ -102,10 +102,10 @@ def finetune(config, workdir: str) -> dict:
     train_step, logits_fn, counts_fn = programs(model, tx, mesh)
 
     def evaluate(state, check):
-      counts = 0
+      counts, in_flight = 0, parallel.InFlight()
       for batch in features.apply_to_split(functools.partial(logits_fn, state), data,
                                            data.eval_split, mesh):
-        counts = counts + counts_fn(*batch)
+        counts = in_flight(counts + counts_fn(*batch))
         check()
       return classifier.accuracy(counts)
 

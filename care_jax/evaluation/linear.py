@@ -130,7 +130,10 @@ def evaluate(config, workdir: str) -> dict:
         for batch in features.apply_to_split(features_fn, data, data.eval_split, mesh):
           eval_features.append(batch)
           check()
-      return classifier.accuracy(sum(head_counts(state, *batch) for batch in eval_features))
+      counts, in_flight = 0, parallel.InFlight()
+      for batch in eval_features:
+        counts = in_flight(counts + head_counts(state, *batch))
+      return classifier.accuracy(counts)
 
     state, history = evaluation.restore(initial)
     if lin.augment:

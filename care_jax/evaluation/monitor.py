@@ -51,12 +51,14 @@ class Monitor:
     if self._knn is not None:
       self._knn.set_bank(list(embed(split=self._data.train_split, indices=self._bank)))
     knn_correct = probe_correct = total = jnp.zeros((), jnp.int32)
+    in_flight = parallel.InFlight()
     for feats, labels, mask in embed(split=self._data.eval_split):
       total += jnp.sum(mask)
       if self._knn is not None:
         knn_correct += self._knn.correct(feats, labels, mask)
       if self._probe_correct is not None:
         probe_correct += self._probe_correct(state.probe.params, feats, labels, mask)
+      in_flight((total, knn_correct, probe_correct))
     knn_correct, probe_correct, total = (int(x) for x in jax.device_get(
         (knn_correct, probe_correct, total)))
     out = {}
