@@ -279,10 +279,10 @@ def host_and_disk(config, networks: Networks, devices: Devices, nodes: int, data
 DISK_MB_PER_SEC = 500  # a local SSD or a good network file system; NVMe: 2,000+
 
 
-def _changes(config, pairs: int) -> dict:
+def _changes(config, pairs: int, device_name: str = "") -> dict:
   """What to change when each figure does not fit."""
-  precision = ("" if config.precision == "bfloat16" else
-               "--config.precision=bfloat16 (A100/H100), ")
+  precision = ("" if config.precision == "bfloat16" or device_name == "V100" else
+               "--config.precision=bfloat16, ")
   return {
       "training step": f"fewer pairs per device ({pairs} now: more devices or --nodes), "
                        f"{precision}or XLA_PYTHON_CLIENT_MEM_FRACTION=0.95",
@@ -306,7 +306,7 @@ def make_plan(config, devices: Devices, nodes: int = 1, pairs_per_sec=None,
   dataset = _dataset(config)
   networks = trace(config, dataset[2])
   plan, pairs = Plan([], []), config.global_batch_size // total
-  changes = _changes(config, pairs)
+  changes = _changes(config, pairs, devices.name)
   usable = devices.usable_gib()
   monitor_on = config.monitor.every_steps > 0 and config.monitor.knn
   for what, (need, basis) in device_memory(config, networks, total, dataset[0]).items():
@@ -373,7 +373,9 @@ def check_fits(config, mesh, num_train_examples: int, num_classes: int) -> None:
     return
   networks = trace(config, num_classes)
   memory = device_memory(config, networks, mesh.devices.size, num_train_examples)
-  changes = _changes(config, config.global_batch_size // mesh.devices.size)
+  kind = jax.local_devices()[0].device_kind  # e.g. 'Tesla V100-SXM2-16GB'
+  changes = _changes(config, config.global_batch_size // mesh.devices.size,
+                     "V100" if "V100" in kind else "")
   monitor_on = config.monitor.every_steps > 0 and config.monitor.knn
   checked = ("training step", "kNN monitor") if monitor_on else ("training step",)
   for what in checked:

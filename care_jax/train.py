@@ -80,7 +80,7 @@ def pretrain(config, workdir: str) -> dict:
   if start_step >= total_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, total_steps)
     mgr.close()
-    return {} if monitor is None else monitor.evaluate(state)
+    return {} if monitor is None else _log_evaluation(start_step, monitor.evaluate(state))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   batches = input_pipeline.pretrain_batches(
@@ -125,12 +125,9 @@ def pretrain(config, workdir: str) -> dict:
         raise preemption.Preempted(done)
       # After the save: an evaluation that fails must not cost the steps since the last one.
       if monitor is not None and monitor.due(done, total_steps):
-        evaluation = monitor.evaluate(state)
+        evaluation = _log_evaluation(done, monitor.evaluate(state))
         period.start += evaluation["monitor_seconds"]  # not training time
         writer.write_scalars(done, evaluation)
-        logging.info("monitor at step %d: %s", done, ", ".join(
-            f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
-            f" ({evaluation['monitor_seconds']:.0f} s)")
         metrics = {**metrics, **evaluation}
   finally:
     if profile is not None:
@@ -140,6 +137,13 @@ def pretrain(config, workdir: str) -> dict:
     mgr.close()
     writer.close()
   return metrics
+
+
+def _log_evaluation(step: int, evaluation: dict) -> dict:
+  logging.info("monitor at step %d: %s", step, ", ".join(
+      f"{k} {v:.4f}" for k, v in evaluation.items() if k != "monitor_seconds") +
+      f" ({evaluation['monitor_seconds']:.0f} s)")
+  return evaluation
 
 
 class Progress:

@@ -160,9 +160,10 @@ def test_demo_preset_writes_knn_and_probe_accuracy_to_tensorboard(tmp_path, fmni
 
 
 def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image_folder,
-                                                                monkeypatch):
+                                                                monkeypatch, caplog):
   """The full-count rehearsal's monitor crashed after the last step, which had not been
-  saved: the save now comes before any evaluation."""
+  saved: the save now comes before any evaluation. The rerun has no step left to take;
+  it evaluates and says what it found (it used to return the figures unlogged)."""
   from care_jax import checkpointing, train
   from care_jax.evaluation import monitor
 
@@ -177,3 +178,9 @@ def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image
   with pytest.raises(RuntimeError, match="the monitor failed"):
     train.pretrain(config, str(tmp_path))
   assert checkpointing.manager(str(tmp_path), keep=1, read_only=True).latest_step() == 3
+  monkeypatch.undo()
+  with caplog.at_level(logging.INFO):
+    metrics = train.pretrain(config, str(tmp_path))
+  assert 0 <= metrics["knn_top1"] <= 1
+  assert any(r.getMessage().startswith("monitor at step 3: knn_top1 ")
+             for r in caplog.records)
