@@ -35,6 +35,9 @@ FLOAT16_EXCESS = (41.9 - 12.9 + 12.05) / 12.05
 # Bytes per pair of the backward pass's residuals of the same R50 step (residual_bytes):
 # the unit in which other trunks, widths and image sizes are scaled.
 REFERENCE_RESIDUALS = {"bfloat16": 311_467_520, "float32": 407_318_336}
+# XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset,
+# 2026-12-05): the residuals undercount the deeper trunks' (R50 1.03, R50 2x 1.00).
+DEPTH_CORRECTION = {"resnet101": 9.73 / 8.90, "resnet152": 13.75 / 12.12}
 # Image pairs per second of one H100 on the R50 bfloat16 step at 128 pairs (2026-11-27).
 H100_PAIRS_PER_SEC = 1416
 # Relative speed on ResNet training, from NVIDIA's published ResNet-50 throughputs (mixed
@@ -110,6 +113,7 @@ class Networks:
   largest_per_image: float  # its largest single activation per image
   finetune_residuals_per_image: float  # trunk + linear head, one view
   precision: str  # of the residuals: float16 is traced as bfloat16 (same sizes)
+  arch: str
 
 
 def trace(config, num_classes: int) -> Networks:
@@ -155,13 +159,15 @@ def trace(config, num_classes: int) -> Networks:
       {"params": state.online_params, "batch_stats": state.online_stats})
   return Networks(tree_bytes(state), tree_bytes(state.online_params),
                   tree_bytes((state.online_params["trunk"], state.online_stats["trunk"])),
-                  features.shape[-1], per_pair, largest / 2, finetune_per_image, precision)
+                  features.shape[-1], per_pair, largest / 2, finetune_per_image, precision,
+                  config.model.arch)
 
 
 def _activations(networks: Networks, precision: str, per_example: float) -> float:
   """Bytes XLA:GPU needs per example, for `per_example` residual bytes (see GPU_TEMP_GIB)."""
   t128, t256 = GPU_TEMP_GIB[networks.precision]
-  ratio = per_example / REFERENCE_RESIDUALS[networks.precision]
+  ratio = (per_example / REFERENCE_RESIDUALS[networks.precision]
+           * DEPTH_CORRECTION.get(networks.arch, 1.0))
   return (t256 - t128) / 128 * GiB * ratio * (FLOAT16_EXCESS if precision == "float16" else 1)
 
 

@@ -2,8 +2,10 @@
 nodes of 8 GPUs, for each precision. Memory does not depend on the epochs, so each trunk
 and precision is traced once.
 
-  python experiments/plan_presets.py      (a few minutes on 2 cores; prints markdown)
+  python experiments/plan_presets.py [TRUNK ...]   (minutes on 2 cores; prints markdown)
 """
+import sys
+
 from care_jax import cli, plan, summary
 from care_jax.training import pretraining
 
@@ -14,7 +16,8 @@ GiB = 2**30
 
 def main():
   presets = cli._config_module(cli.CONFIG_FILE)
-  epochs_list, trunks = presets.EPOCHS, presets.TRUNKS
+  epochs_list = presets.EPOCHS
+  trunks = sys.argv[1:] or list(presets.TRUNKS)
   print("| trunk | precision | nodes x 8 | pairs / device | step GiB | kNN monitor GiB | "
         "linear (cached) GiB | fine-tune GiB | fits (75% of the card) |")
   print("|---|---|---|---|---|---|---|---|---|")

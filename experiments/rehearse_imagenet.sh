@@ -67,11 +67,11 @@ stage linear_augment "$PY" -m care_jax.main "${COMMON[@]}" --config.mode=linear_
 stage linear_cached "$PY" -m care_jax.main "${COMMON[@]}" --config.mode=linear_eval \
   "${EVAL[@]}" --config.linear_eval.augment=False --workdir="$ROOT/linear_cached"
 stage finetune_1pct "$PY" -m care_jax.main "${COMMON[@]}" --config.mode=finetune \
-  --config.data.name=imagenet2012_subset/1pct --config.finetune.labels=1pct \
+  --config.finetune.labels=1pct \
   --config.finetune.pretrained_workdir="$ROOT/pretrain" --config.finetune.num_epochs=5 \
   --config.finetune.eval_every_epochs=5 --workdir="$ROOT/finetune_1pct"
 
-du -s --block-size=1M "$ROOT"/ilsvrc "$TFDS"/* "$ROOT"/pretrain "$ROOT"/linear_* \
-  "$ROOT"/finetune_1pct > "$ROOT/disk.txt"
+du -s --block-size=1M "$ROOT"/ilsvrc "$TFDS"/imagenet2012* "$ROOT"/pretrain \
+  "$ROOT"/linear_augment "$ROOT"/linear_cached "$ROOT"/finetune_1pct > "$ROOT/disk.txt"
 column -t "$ROOT/stages.tsv"
 cat "$ROOT/disk.txt"

@@ -34,6 +34,12 @@ def test_imagenet_subsets_are_the_tfds_ones():
   config.finetune.labels = "5pct"
   with pytest.raises(UserError, match="finetune.labels must be one of"):
     finetune.labelled_data(config)
+  # The rehearsal's mistake: naming the subset as the data took 1% of the 1%, and the
+  # error was about the batch size.
+  config.finetune.labels = "1pct"
+  config.data.name = "imagenet2012_subset/1pct"
+  with pytest.raises(UserError, match="already the subset .* --config.data.name=imagenet2012"):
+    finetune.labelled_data(config)
 
 
 def finetune_config(image_folder, pretrained_workdir):

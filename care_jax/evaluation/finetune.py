@@ -32,6 +32,11 @@ def labelled_data(config):
     raise errors.UserError(f"finetune.labels must be one of {sorted(LABELS)}, got {ft.labels!r}.")
   if ft.labels == "all":
     return data, None
+  if data.name in IMAGENET_SUBSETS.values():
+    raise errors.UserError(
+        f"data.name is already the subset {data.name}, and finetune.labels={ft.labels} would "
+        f"take {ft.labels} of it: set --config.data.name=imagenet2012 (finetune.labels picks "
+        f"the subset), or --config.finetune.labels=all.")
   if data.name == "imagenet2012":
     train = data.copy_and_resolve_references()
     train.name = IMAGENET_SUBSETS[ft.labels]
