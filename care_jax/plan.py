@@ -2,13 +2,13 @@
 monitor, each evaluation), memory per host, disk, input rate and time.
 
   python -m care_jax.plan --config=configs/care.py:r50_100ep --devices=8xV100-16GB
-      [--nodes=N] [--config.F=V ...] [--pairs_per_sec=P] [--json]
+      [--nodes=N] [--config.F=V ...] [--pairs_per_sec=P] [--workdir=DIR] [--json]
 
 Nothing is compiled and nothing allocated: the networks are traced abstractly
 (jax.eval_shape). The training step's memory is its arguments (the state and the batch),
 its gradients, and activations per image pair scaled from what XLA:GPU's compiled R50 step
-needs on an H100 (the one measured GPU: within 3% of its measured peaks) by the ratio of
-this config's backward-pass residuals to R50's: docs/scale.md says how, and how well.
+needs on an H100 (the one GPU measured) by the ratio of this config's backward-pass
+residuals to R50's: docs/scale.md says how, and how close it comes.
 Exit status 0 when the run fits, 2 with one line saying what does not and what to change.
 """
 import dataclasses
@@ -32,7 +32,7 @@ GPU_TEMP_GIB = {"bfloat16": (12.05, 24.01), "float32": (26.34, 52.62)}
 # GiB against bfloat16's 12.9: its temporaries are taken as 3.4x bfloat16's until a GPU
 # says otherwise.
 FLOAT16_EXCESS = (41.9 - 12.9 + 12.05) / 12.05
-# Bytes per pair of the backward pass's residuals of the same R50 step (residual_bytes):
+# Bytes per pair of the backward pass's residuals of the same R50 step (`trace`):
 # the unit in which other trunks, widths and image sizes are scaled.
 REFERENCE_RESIDUALS = {"bfloat16": 311_467_520, "float32": 407_318_336}
 # XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset,
@@ -45,7 +45,7 @@ H100_PAIRS_PER_SEC = 1416
 GPU_SPEED = {"H200": 1.1, "H100": 1.0, "A100": 0.5, "L40S": 0.45, "A10": 0.2, "V100": 0.25}
 PRECISION_SPEED = {"bfloat16": 1.0, "float16": 1495 / 1416, "float32": 0.45}
 # One core of this 2-core EPYC VM decoded and cropped 644-677 ImageNet-like JPEGs/s into
-# two 224 px views (`bench input`, 2026-12-04); scaled by pixels for other sizes.
+# two 224 px views (`bench input`, 2026-12-04).
 IMAGES_PER_CORE = 650
 PROCESS_BASE_GIB = 2.0  # python, jax, tensorflow and tfds loaded (rehearsal, docs/scale.md)
 DATASETS = {  # name: (train, eval, classes, prepared GiB): for datasets not prepared here
