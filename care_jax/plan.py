@@ -25,29 +25,30 @@ from care_jax.errors import UserError
 
 GiB = 2**30
 # XLA:GPU's temporaries of the R50 224 px training step for one H100, GiB at 128 and 256
-# image pairs (experiments/gpu_compile.py, jax 0.10.2, 2026-12-05). With the state and the
-# batch added they give 12.96 / 24.95 GiB; one H100 measured 12.9 / 25.0 (2026-11-27).
+# image pairs (experiments/gpu_compile.py). Where they come from and how they compare with
+# the one H100 measurement: docs/scale.md, "How the estimates are made".
 GPU_TEMP_GIB = {"bfloat16": (12.05, 24.01), "float32": (26.34, 52.62)}
-# float16 compiles like bfloat16 (12.93 GiB at 128), but the run on an H100 peaked at 41.9
-# GiB against bfloat16's 12.9: its temporaries are taken as 3.4x bfloat16's until a GPU
-# says otherwise.
+# float16 compiles like bfloat16, but its one H100 run peaked at 41.9 GiB against
+# bfloat16's 12.9 (docs/scale.md): its temporaries are scaled by that until a GPU says
+# otherwise.
 FLOAT16_EXCESS = (41.9 - 12.9 + 12.05) / 12.05
 # Bytes per pair of the backward pass's residuals of the same R50 step (`trace`):
 # the unit in which other trunks, widths and image sizes are scaled.
 REFERENCE_RESIDUALS = {"bfloat16": 311_467_520, "float32": 407_318_336}
-# XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset,
-# 2026-12-05): the residuals undercount the deeper trunks' (R50 1.03, R50 2x 1.00).
+# XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset;
+# docs/scale.md): the residuals undercount the deeper trunks'.
 DEPTH_CORRECTION = {"resnet101": 9.73 / 8.90, "resnet152": 13.75 / 12.12}
-# Image pairs per second of one H100 on the R50 bfloat16 step at 128 pairs (2026-11-27).
+# Image pairs per second of one H100 on the R50 bfloat16 step at 128 pairs (README,
+# Benchmarks).
 H100_PAIRS_PER_SEC = 1416
 # Relative speed on ResNet training, from NVIDIA's published ResNet-50 throughputs (mixed
 # precision): estimates, not measurements; --pairs_per_sec replaces them.
 GPU_SPEED = {"H200": 1.1, "H100": 1.0, "A100": 0.5, "L40S": 0.45, "A10": 0.2, "V100": 0.25}
 PRECISION_SPEED = {"bfloat16": 1.0, "float16": 1495 / 1416, "float32": 0.45}
-# One core of this 2-core EPYC VM decoded and cropped 644-677 ImageNet-like JPEGs/s into
-# two 224 px views (`bench input`, 2026-12-04).
+# Images one core decodes and crops into two 224 px views (`bench input`: README,
+# Benchmarks).
 IMAGES_PER_CORE = 650
-PROCESS_BASE_GIB = 2.0  # python, jax, tensorflow and tfds loaded (rehearsal, docs/scale.md)
+PROCESS_BASE_GIB = 2.0  # python, jax, tensorflow and tfds loaded (docs/scale.md)
 DATASETS = {  # name: (train, eval, classes, prepared GiB): for datasets not prepared here
     "imagenet2012": (1_281_167, 50_000, 1000, 150),
     "imagenet2012_subset/1pct": (12_811, 50_000, 1000, 8),
