@@ -309,7 +309,8 @@ def make_plan(config, devices: Devices, nodes: int = 1, pairs_per_sec=None,
   total = devices.count * nodes
   if config.global_batch_size % total:
     raise UserError(f"global_batch_size {config.global_batch_size} does not divide over "
-                    f"{total} devices.")
+                    f"{total} devices: plan for a device count that divides it, or set "
+                    f"--config.global_batch_size to a multiple of {total}.")
   dataset = _dataset(config)
   networks = trace(config, dataset[2])
   plan, pairs = Plan([], []), config.global_batch_size // total
