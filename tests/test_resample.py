@@ -1,6 +1,10 @@
 """The compiled resampler (care_jax/data/_resample.c) against Pillow, the release's resize:
 equal to the bit, for RGB and grey, shrinking and enlarging, whole images, crops (strided
 rows) and fractional boxes, with the AVX2 kernels and with the portable ones."""
+import concurrent.futures
+import functools
+import types
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -44,21 +48,39 @@ def random_cases(seed: int, count: int):
     yield image, out_height, out_width, box
 
 
-def resized(image, out_height, out_width, box):
+def resized(image, out_height, out_width, box, portable=False):
   """Into a view of a larger array too: the output's rows may be strided."""
   out = np.zeros((out_height, out_width + 7) + image.shape[2:], np.uint8)[:, 3:3 + out_width]
-  _resample.resize(image, out, box)
+  _resample.resize(image, out, box, portable=portable)
   return out
 
 
+def cpu_has_avx2():
+  """From /proc/cpuinfo's flags; None where there is none to read."""
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      return any(line.startswith("flags") and "avx2" in line.split() for line in cpuinfo)
+  except OSError:
+    return None
+
+
 @pytest.fixture(params=["fastest", "portable"])
-def kernels(request):
-  _resample.use_portable_kernels(request.param == "portable")
-  yield _resample.kernels()
-  _resample.use_portable_kernels(False)
+def portable(request, monkeypatch):
+  """Whether the calls run the plain C kernels (those of CPUs without AVX2, e.g. ARM),
+  chosen per call; views.resize runs them through a stand-in module. The fastest are
+  checked to be AVX2 where the CPU has it: a silent fallback would test the plain C twice."""
+  if request.param == "portable":
+    monkeypatch.setattr(views, "_resample", types.SimpleNamespace(
+        resize=functools.partial(_resample.resize, portable=True), kernels=_resample.kernels))
+    return True
+  avx2 = cpu_has_avx2()
+  if avx2 is not None:
+    expected = "avx2" if avx2 else "portable"
+    assert _resample.kernels() == {"vertical": expected, "horizontal_rgb": expected}
+  return False
 
 
-def test_equals_pillow_to_the_bit(kernels):
+def test_equals_pillow_to_the_bit(portable):
   cases = list(random_cases(0, 400))
   # Pillow 13 runs the vertical pass first when the height shrinks by more than twice as
   # many pixels as the width: both orders, and the boundary, among the cases.
@@ -70,11 +92,30 @@ def test_equals_pillow_to_the_bit(kernels):
     cases.append((image, out_height, out_width, (0.0, 0.0, float(width), float(height))))
   for image, out_height, out_width, box in cases:
     expected = pillow(np.ascontiguousarray(image), out_height, out_width, box)
-    np.testing.assert_array_equal(resized(image, out_height, out_width, box), expected,
+    np.testing.assert_array_equal(resized(image, out_height, out_width, box, portable),
+                                  expected,
                                   err_msg=f"{image.shape} -> {out_height}x{out_width} {box}")
 
 
-def test_photo_views_equal_pillows(kernels):
+def test_threads_running_either_kernels_get_pillows_bytes():
+  """resize releases the GIL and the kernels are chosen per call, not by a global that a
+  call on another thread could switch: calls with both at once each equal Pillow."""
+  assert not hasattr(_resample, "use_portable_kernels")
+  fastest = _resample.kernels()
+  cases = list(random_cases(3, 40))
+  expected = [pillow(np.ascontiguousarray(image), out_height, out_width, box)
+              for image, out_height, out_width, box in cases]
+
+  def run(i):
+    return resized(*cases[i % len(cases)], portable=bool(i % 2))
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for i, out in enumerate(pool.map(run, range(400))):
+      np.testing.assert_array_equal(out, expected[i % len(cases)], err_msg=f"call {i}")
+  assert _resample.kernels() == fastest
+
+
+def test_photo_views_equal_pillows(portable):
   """The pipeline's own calls on real photos: random crops to 224 px, centre views."""
   rng = np.random.default_rng(2)
   for image in photos().values():

@@ -7,7 +7,8 @@
  * 13's order), so its output equals Pillow's byte for byte (tests/test_resample.py), in
  * 0.116 ms: on x86-64 CPUs with AVX2 both passes are vectorised (the vertical one 32
  * bytes of a row at a time, the horizontal one two RGB pixels per register); elsewhere
- * plain C runs (0.52 ms). It reads numpy arrays in place (any row stride: a crop of a decoded
+ * (or per call with portable=True, which the tests use to check it) plain C runs
+ * (0.52 ms). It reads numpy arrays in place (any row stride: a crop of a decoded
  * image is a view) and releases the GIL: the input pipeline runs it on a thread pool.
  */
 #define PY_SSIZE_T_CLEAN
@@ -268,9 +269,21 @@ static AVX2 void horizontal_rgb_avx2(const uint8_t *src, ptrdiff_t src_stride, i
 }
 #endif
 
-/* The fastest this CPU runs, chosen when the module loads (select_kernels). */
-static VerticalFn vertical = vertical_generic;
-static HorizontalFn horizontal_rgb = horizontal_generic;
+/* The two passes' code paths. A call names its own: resize runs with the GIL released,
+ * so there is no switch another thread could flip under it. */
+typedef struct {
+  VerticalFn vertical;
+  HorizontalFn horizontal_rgb;
+} Kernels;
+
+static const Kernels portable_kernels = {vertical_generic, horizontal_generic};
+#ifdef HAVE_X86_DISPATCH
+static const Kernels avx2_kernels = {vertical_avx2, horizontal_rgb_avx2};
+#endif
+
+/* The fastest this CPU runs: chosen when the module loads (PyInit__resample), only read
+ * after. */
+static const Kernels *fastest = &portable_kernels;
 
 /* Pillow's two passes, each rounded to uint8, in Pillow's order: horizontal first (over
  * only the input rows the vertical pass reads) unless the height shrinks by more than
@@ -279,12 +292,13 @@ static HorizontalFn horizontal_rgb = horizontal_generic;
  * Pillow skips it. */
 static int resize(const uint8_t *src, ptrdiff_t src_stride, int height, int width,
                   int channels, const float box[4], uint8_t *dst, ptrdiff_t dst_stride,
-                  int out_height, int out_width) {
+                  int out_height, int out_width, const Kernels *kernels) {
   int need_horizontal = out_width != width || box[0] != 0 || box[2] != out_width;
   int need_vertical = out_height != height || box[1] != 0 || box[3] != out_height;
   int horizontal_first =
       !(height - out_height > 0 && height - out_height > (width - out_width) * 2);
-  HorizontalFn horizontal = channels == 3 ? horizontal_rgb : horizontal_generic;
+  VerticalFn vertical = kernels->vertical;
+  HorizontalFn horizontal = channels == 3 ? kernels->horizontal_rgb : horizontal_generic;
   Axis across, down;
   if (make_axis(width, box[0], box[2], out_width, &across)) return -1;
   if (make_axis(height, box[1], box[3], out_height, &down)) {
@@ -353,13 +367,30 @@ static int image_layout(const Py_buffer *view, const char *name, int *height, in
   return 1;
 }
 
-static PyObject *py_resize(PyObject *self, PyObject *args) {
+/* A ValueError naming the box's numbers: PyErr_Format has no %g (3.12 raises SystemError
+ * for it), and snprintf's would take the C locale's decimal mark. */
+static void refuse_box(const float box[4], int width, int height) {
+  char *text[4] = {NULL, NULL, NULL, NULL};
+  int ok = 1;
+  for (int i = 0; i < 4 && ok; i++)
+    ok = (text[i] = PyOS_double_to_string(box[i], 'g', 6, 0, NULL)) != NULL;
+  if (ok)
+    PyErr_Format(PyExc_ValueError,
+                 "box (%s, %s, %s, %s) must be a non-empty window of the %dx%d image", text[0],
+                 text[1], text[2], text[3], width, height);
+  for (int i = 0; i < 4; i++) PyMem_Free(text[i]);
+}
+
+static PyObject *py_resize(PyObject *self, PyObject *args, PyObject *kwargs) {
   (void)self;
+  static char *keywords[] = {"image", "out", "box", "portable", NULL};
   PyObject *src_obj, *dst_obj;
   float box[4];
-  if (!PyArg_ParseTuple(args, "OO(ffff):resize", &src_obj, &dst_obj, &box[0], &box[1],
-                        &box[2], &box[3]))
+  int portable = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO(ffff)|p:resize", keywords, &src_obj,
+                                   &dst_obj, &box[0], &box[1], &box[2], &box[3], &portable))
     return NULL;
+  const Kernels *kernels = portable ? &portable_kernels : fastest;
   Py_buffer src, dst;
   if (PyObject_GetBuffer(src_obj, &src, PyBUF_RECORDS_RO) < 0) return NULL;
   if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_RECORDS) < 0) {
@@ -379,15 +410,13 @@ static PyObject *py_resize(PyObject *self, PyObject *args) {
   }
   if (!(box[0] >= 0 && box[1] >= 0 && box[2] <= width && box[3] <= height &&
         box[2] - box[0] > 0 && box[3] - box[1] > 0)) {
-    PyErr_Format(PyExc_ValueError,
-                 "box (%g, %g, %g, %g) must be a non-empty window of the %dx%d image",
-                 box[0], box[1], box[2], box[3], width, height);
+    refuse_box(box, width, height);
     goto done;
   }
   int status;
   Py_BEGIN_ALLOW_THREADS
   status = resize(src.buf, src_stride, height, width, channels, box, dst.buf, dst_stride,
-                  out_height, out_width);
+                  out_height, out_width, kernels);
   Py_END_ALLOW_THREADS
   if (status) {
     PyErr_NoMemory();
@@ -400,41 +429,23 @@ done:
   return result;
 }
 
-static void select_kernels(int portable) {
-  vertical = vertical_generic;
-  horizontal_rgb = horizontal_generic;
-#ifdef HAVE_X86_DISPATCH
-  if (!portable && __builtin_cpu_supports("avx2")) {
-    vertical = vertical_avx2;
-    horizontal_rgb = horizontal_rgb_avx2;
-  }
-#endif
-}
-
 static PyObject *py_kernels(PyObject *self, PyObject *args) {
   (void)self;
   (void)args;
-  return Py_BuildValue("{s:s,s:s}", "vertical",
-                       vertical == vertical_generic ? "portable" : "avx2", "horizontal_rgb",
-                       horizontal_rgb == horizontal_generic ? "portable" : "avx2");
-}
-
-static PyObject *py_use_portable_kernels(PyObject *self, PyObject *arg) {
-  (void)self;
-  int portable = PyObject_IsTrue(arg);
-  if (portable < 0) return NULL;
-  select_kernels(portable);
-  return Py_NewRef(Py_None);
+  return Py_BuildValue(
+      "{s:s,s:s}", "vertical",
+      fastest->vertical == vertical_generic ? "portable" : "avx2", "horizontal_rgb",
+      fastest->horizontal_rgb == horizontal_generic ? "portable" : "avx2");
 }
 
 static PyMethodDef methods[] = {
-    {"resize", py_resize, METH_VARARGS,
-     "resize(image, out, box): out[...] = PIL.Image.fromarray(image).resize(\n"
-     "(out width, out height), BILINEAR, box), uint8 [H, W] or [H, W, 3]."},
-    {"kernels", py_kernels, METH_NOARGS, "The code paths this CPU runs, by pass."},
-    {"use_portable_kernels", py_use_portable_kernels, METH_O,
-     "use_portable_kernels(flag): run the plain C paths (those of CPUs without AVX2, e.g.\n"
-     "ARM) even where AVX2 is, so that a test can check them; False: the fastest again."},
+    {"resize", (PyCFunction)(void (*)(void))py_resize, METH_VARARGS | METH_KEYWORDS,
+     "resize(image, out, box, portable=False): out[...] = PIL.Image.fromarray(image).resize(\n"
+     "(out width, out height), BILINEAR, box), uint8 [H, W] or [H, W, 3]. portable: run the\n"
+     "plain C paths (those of CPUs without AVX2, e.g. ARM) even where AVX2 is, so that a\n"
+     "test can check them."},
+    {"kernels", py_kernels, METH_NOARGS,
+     "The code paths resize runs by default (the fastest this CPU has), by pass."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_resample",
@@ -444,7 +455,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_resample",
 PyMODINIT_FUNC PyInit__resample(void) {
 #ifdef HAVE_X86_DISPATCH
   __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) fastest = &avx2_kernels;
 #endif
-  select_kernels(0);
   return PyModule_Create(&module);
 }
