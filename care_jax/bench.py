@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Optional
 
+from care_jax import run_safety
 from care_jax.errors import UserError
 
 
@@ -165,22 +166,9 @@ def _release_rate(paths: list[str], count: int) -> Optional[float]:
   return done / seconds if done else None
 
 
-def bench_input(args) -> dict:
-  """Times reading, decoding and cropping both pretraining views of the images (JPEG or
-  PNG) in a folder, and, on the same files, the release's two-view transforms.
-
-  Runs the pipeline's own engine (input_pipeline.random_view_batches) on the files, so the
-  figure includes file reads, header parsing, decoding, crops, resizes, flips, batching.
-  Undecodable files are replaced as in training and counted; if nothing decodes, the
-  result says so (images_per_sec null) instead of timing nothing. The release's rate is
-  per core as well: its loader (torchvision, PIL) runs one process per core and also
-  does the colour augmentations there, which care_jax does on the accelerator.
-  """
-  import cv2
-  import PIL
-
-  from care_jax.data import input_pipeline, sources, synthetic, views
-  from care_jax.data.errors import DataError
+def _input_files(args) -> list:
+  """The images to time (made first with --make); the arguments' mistakes first."""
+  from care_jax.data import synthetic
 
   if args.release_images < 0:
     raise UserError(f"--release_images must be 0 or more, got {args.release_images}.")
@@ -195,6 +183,27 @@ def bench_input(args) -> dict:
                  for f in files if f.lower().endswith(IMAGE_SUFFIXES))
   if not paths:
     raise UserError(f"No .jpg, .jpeg or .png files in {args.images} (make some with --make=N).")
+  return paths
+
+
+def bench_input(args) -> dict:
+  """Times reading, decoding and cropping both pretraining views of the images (JPEG or
+  PNG) in a folder, and, on the same files, the release's two-view transforms.
+
+  Runs the pipeline's own engine (input_pipeline.random_view_batches) on the files, so the
+  figure includes file reads, header parsing, decoding, crops, resizes, flips, batching.
+  Undecodable files are replaced as in training and counted; if nothing decodes, the
+  result says so (images_per_sec null) instead of timing nothing. The release's rate is
+  per core as well: its loader (torchvision, PIL) runs one process per core and also
+  does the colour augmentations there, which care_jax does on the accelerator.
+  """
+  import cv2
+  import PIL
+
+  from care_jax.data import input_pipeline, sources, views
+  from care_jax.data.errors import DataError
+
+  paths = _input_files(args)
   source = _SkipCountingSource(sources.FolderSource(tuple((p, 0) for p in paths)))
   batch_size = min(args.batch_size, len(paths))
   batches = input_pipeline.random_view_batches(
@@ -280,11 +289,32 @@ def bench_step(args) -> dict:
   tensorflow, tfds or clu: runs on a bare GPU machine.
   """
   import jax
-  import numpy as np
+  import jaxlib
 
-  from care_jax import parallel, summary
-  from care_jax.training import pretraining
+  from care_jax import parallel
 
+  variants = _check_step_args(args)
+  mesh = parallel.create_mesh()
+  devices = mesh.devices.size
+  device_kind = jax.devices()[0].device_kind
+  peak, peak_basis = peak_tflops(device_kind, args.peak_tflops)
+  results = {}
+  for i, variant in enumerate(variants):
+    results[variant] = _measure_step(args, variant, mesh, peak, first=i == 0)
+    print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
+  result = {"benchmark": "step", "preset": args.preset, "precision": args.precision,
+            "devices": devices, "device": device_kind,
+            "batch_per_device": args.batch_per_device, "image_size": args.image_size or None,
+            "assumed_peak_tflops": peak, "peak_tflops_basis": peak_basis, **results}
+  if len(results) == 2:
+    result["t_stream_share_of_step"] = round(
+        1 - results["without_t_stream"]["step_seconds_median"]
+        / results["care"]["step_seconds_median"], 3)
+  return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
+def _check_step_args(args) -> list:
+  """The variants to time; the arguments' mistakes before any compilation."""
   for name, least in (("batch_per_device", 1), ("steps", 1), ("warmup", 0),
                       ("image_size", 0), ("profile_steps", 0)):
     if getattr(args, name) < least:
@@ -297,72 +327,64 @@ def bench_step(args) -> dict:
     raise UserError(f"--variants takes care and/or without_t_stream, comma-separated; got "
                     f"{args.variants!r}.")
   _preset_config(args.preset)  # An unknown preset stops here, before any compilation.
+  return variants
 
-  mesh = parallel.create_mesh()
+
+def _step_config(args, variant: str, devices: int):
+  config = _preset_config(args.preset)
+  config.precision = args.precision
+  config.global_batch_size = args.batch_per_device * devices
+  if args.image_size:
+    config.data.image_size = args.image_size
+  if variant == "without_t_stream":
+    config.model.t_stream.num_blocks = 0
+  return config
+
+
+def _measure_step(args, variant: str, mesh, peak, first: bool) -> dict:
+  """One variant's figures; the device's peak memory only for the first (one a process)."""
+  import jax
+  import numpy as np
+
+  from care_jax import parallel, summary
+  from care_jax.training import pretraining
+
   devices = mesh.devices.size
-  device_kind = jax.devices()[0].device_kind
-  peak, peak_basis = peak_tflops(device_kind, args.peak_tflops)
-
-  def measure(variant, first):
-    config = _preset_config(args.preset)
-    config.precision = args.precision
-    config.global_batch_size = args.batch_per_device * devices
-    if args.image_size:
-      config.data.image_size = args.image_size
-    if variant == "without_t_stream":
-      config.model.t_stream.num_blocks = 0
-    setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100000)
-    state = setup.init_state(jax.random.key(0), parallel.replicated(mesh))
-
-    size = config.data.image_size
-    crops = np.random.default_rng(0).integers(
-        0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
-    batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
+  config = _step_config(args, variant, devices)
+  setup = pretraining.build(config, steps_per_epoch=1000, total_steps=100000)
+  state = setup.init_state(jax.random.key(0), parallel.replicated(mesh))
+  size = config.data.image_size
+  crops = np.random.default_rng(0).integers(
+      0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
+  batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
+  start = time.perf_counter()
+  lowered = setup.jitted_step(mesh).lower(state, batch)
+  train_step = lowered.compile(
+      compiler_options=pretraining.FAST_COMPILE if args.fast_compile else None)
+  compile_seconds = time.perf_counter() - start
+  # Before any step: the state, plus whatever compilation (GPU autotuning) held at once.
+  peak_before = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  times = []
+  for _ in range(args.warmup + args.steps):
     start = time.perf_counter()
-    lowered = setup.jitted_step(mesh).lower(state, batch)
-    train_step = lowered.compile(
-        compiler_options=pretraining.FAST_COMPILE if args.fast_compile else None)
-    compile_seconds = time.perf_counter() - start
-    # Before any step: the state, plus whatever compilation (GPU autotuning) held at once.
-    peak_before = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    times = []
-    for _ in range(args.warmup + args.steps):
-      start = time.perf_counter()
-      state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  if args.profile_dir and first and args.profile_steps:
+    with jax.profiler.trace(os.path.join(args.profile_dir, variant)):
+      for _ in range(args.profile_steps):
+        state, metrics = train_step(state, batch)
       jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    if args.profile_dir and first and args.profile_steps:
-      with jax.profiler.trace(os.path.join(args.profile_dir, variant)):
-        for _ in range(args.profile_steps):
-          state, metrics = train_step(state, batch)
-        jax.block_until_ready(metrics)
-    stats = (jax.local_devices()[0].memory_stats() or {}) if first else {}
-    peak_bytes = stats.get("peak_bytes_in_use")
-    flops = summary.program_flops(lowered, train_step, devices)
-    figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
-                            flops, peak, devices)
-    gib = lambda n: None if n is None else round(n / 2**30, 2)
-    return {**figures, "compile_seconds": round(compile_seconds, 1),
-            "steps_timed": args.steps, "peak_memory_gib": gib(peak_bytes),
-            "peak_memory_before_first_step_gib": gib(peak_before) if first else None,
-            "program_memory_gib": _program_memory(train_step),
-            "finite_loss": bool(np.isfinite(np.asarray(metrics["loss"])))
-            if "loss" in metrics else None}
-
-  results = {}
-  for i, variant in enumerate(variants):
-    results[variant] = measure(variant, first=i == 0)
-    print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
-  result = {"benchmark": "step", "preset": args.preset, "precision": args.precision,
-            "devices": devices, "device": device_kind,
-            "batch_per_device": args.batch_per_device, "image_size": args.image_size or None,
-            "assumed_peak_tflops": peak, "peak_tflops_basis": peak_basis, **results}
-  if len(results) == 2:
-    result["t_stream_share_of_step"] = round(
-        1 - results["without_t_stream"]["step_seconds_median"]
-        / results["care"]["step_seconds_median"], 3)
-  import jaxlib
-  return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+  stats = (jax.local_devices()[0].memory_stats() or {}) if first else {}
+  figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
+                          summary.program_flops(lowered, train_step, devices), peak, devices)
+  gib = lambda n: None if n is None else round(n / 2**30, 2)
+  return {**figures, "compile_seconds": round(compile_seconds, 1),
+          "steps_timed": args.steps, "peak_memory_gib": gib(stats.get("peak_bytes_in_use")),
+          "peak_memory_before_first_step_gib": gib(peak_before) if first else None,
+          "program_memory_gib": _program_memory(train_step),
+          "finite_loss": bool(np.isfinite(np.asarray(metrics["loss"])))
+          if "loss" in metrics else None}
 
 
 def _program_memory(compiled) -> Optional[dict]:
@@ -469,7 +491,7 @@ def _scaling_report(args, devices: int, names: str, simulated: bool) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m care_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -526,13 +548,13 @@ def main(argv=None) -> None:
                  help="compile without XLA's backend optimisations (other memory figures): "
                       "for smoke tests of this command only")
   p.set_defaults(run=bench_scaling)
+  return parser
 
-  args = parser.parse_args(argv)
-  try:
-    result = args.run(args)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  result = {}
+  run_safety.run(lambda: result.update(args.run(args)))
   print(json.dumps(result))
   sys.stdout.flush()
   if result.get("error"):

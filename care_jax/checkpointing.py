@@ -6,6 +6,7 @@ networks without being told the architecture. Orbax writes each step to a tempor
 directory and renames it when complete, so a crash never leaves a half-written checkpoint;
 one left behind by a crash or a full disk is deleted when the next run opens the manager.
 """
+import contextlib
 import json
 import logging
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from care_jax import errors, run_safety
 from care_jax.errors import UserError
 
 
@@ -71,11 +73,34 @@ def newest_intact_step(workdir) -> int | None:
 
 def save_config(workdir, config) -> None:
   if jax.process_index() == 0:
-    path = pathlib.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json(indent=2))
-    tmp.replace(path)
+    run_safety.write_atomic(pathlib.Path(workdir) / "config.json", config.to_json(indent=2))
+
+
+@contextlib.contextmanager
+def writing(where):
+  """Raises a refused write inside the block as WriteFailed naming `where`: orbax's errors
+  surface in save(), in wait_until_finished() or at close, far from the file they hit."""
+  try:
+    yield
+  except errors.WriteFailed:
+    raise
+  except Exception as e:  # orbax and TensorStore raise many types
+    errors.raise_if_write_failed(e, where)
+    raise
+
+
+def finish(mgr: ocp.CheckpointManager) -> None:
+  """Waits for the saves in flight, then closes the manager (its threads would fail noisily
+  at exit otherwise)."""
+  try:
+    with writing(_step_dir(mgr, mgr.latest_step())):
+      mgr.wait_until_finished()
+  finally:
+    mgr.close()
+
+
+def _step_dir(mgr, step) -> pathlib.Path:
+  return pathlib.Path(mgr.directory) / ("" if step is None else str(step))
 
 
 # Fields that do not change what a run computes, so a resumed run may set them differently.
@@ -231,14 +256,18 @@ def resume(mgr: ocp.CheckpointManager, abstract_state):
       outcome, reason = _RESTORED, "another process could not restore it"
     except Exception as e:  # orbax raises many types for unreadable or mismatched files
       # Not kept past this block: its traceback holds orbax's unfinished reads.
-      outcome, reason = (_DAMAGED if _damaged(e) else _FAILED), _reason(e)
+      outcome, reason = _outcome(e), _reason(e)
     worst = int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+    if worst == _TRANSIENT:
+      raise errors.TransientError(
+          f"Cannot read checkpoint {step} from {mgr.directory} now ({reason}): a fault of "
+          "the file system that may pass, so nothing was moved. Rerun the same command.")
     if worst == _FAILED:
       raise CheckpointError(
           f"Cannot restore checkpoint {step} from {mgr.directory} ({reason}); its files do "
           "not look damaged, so nothing was moved. If the config or care_jax changed since "
           "it was written, rerun with the settings and version that wrote it, or pass a new "
-          "--workdir; after a filesystem fault, rerun when it is back.")
+          "--workdir.")
     if worst == _DAMAGED:
       damaged.append((step, reason))
       continue
@@ -282,7 +311,7 @@ def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
             if listed(row) != listed(every[0])]
   if others:
     who = "; ".join(f"process {i} on host {h} sees steps {s}" for i, s, h in others)
-    raise CheckpointError(
+    raise errors.TransientError(
         f"The processes do not see the same checkpoints in {mgr.directory}: process 0 sees "
         f"steps {listed(every[0])}, but {who}. Rerun when every node sees the same files (a "
         "shared file system can lag behind after a restart), and check that the workdir is "
@@ -290,9 +319,31 @@ def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
   return steps
 
 
-_RESTORED, _DAMAGED, _FAILED = 0, 1, 2  # ordered: the worst outcome of any process decides
+# Ordered: the worst outcome of any process decides.
+_RESTORED, _DAMAGED, _TRANSIENT, _FAILED = 0, 1, 2, 3
 # TensorStore's status codes for files that are missing, short or undecodable.
 _DAMAGE_CODES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILED_PRECONDITION:")
+# Faults of the storage that may pass.
+_TRANSIENT_CODES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:", "RESOURCE_EXHAUSTED:")
+
+
+def _outcome(error: BaseException) -> int:
+  if _damaged(error):
+    return _DAMAGED
+  return _TRANSIENT if _transient(error) else _FAILED
+
+
+def _transient(error: BaseException) -> bool:
+  """An I/O fault (an OSError other than a missing file, TensorStore's UNAVAILABLE, ...)
+  rather than a tree that does not match."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if ((isinstance(error, OSError) and not isinstance(error, FileNotFoundError))
+        or str(error).startswith(_TRANSIENT_CODES)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _damaged(error: BaseException) -> bool:
@@ -325,11 +376,19 @@ def _move_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
   return target
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
+def save_items(mgr: ocp.CheckpointManager, step: int, **items) -> None:
+  """Starts saving the named items (orbax save args) as `step`, forced (the caller decides
+  when); a refused write raises WriteFailed naming the step's directory."""
+  with writing(_step_dir(mgr, step)):
+    mgr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves a pretraining TrainState; its online probe as an item of its own."""
   items = {"state": ocp.args.StandardSave(state.replace(probe=None))}
   if state.probe is not None:
     items["online_probe"] = ocp.args.StandardSave(state.probe)
-  return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+  save_items(mgr, step, **items)
 
 
 def restore_from_workdir(workdir, abstract_state, step=None):

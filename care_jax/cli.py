@@ -11,9 +11,8 @@ import logging
 import pathlib
 import sys
 import textwrap
-import warnings
 
-from care_jax import errors, preemption
+from care_jax import errors
 
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 CONFIG_DIR = next((d for d in (_PACKAGE.parent / "configs", _PACKAGE / "configs")
@@ -48,60 +47,8 @@ def _not_a_write_failure_report(record: logging.LogRecord) -> bool:
     return True
   error = record.exc_info[1] if record.exc_info else None
   text = record.getMessage()
-  return not ((error is not None and errors.write_failure(error))
-              or errors.write_failure(Exception(text)))
-
-
-def run_guarded(body, workdir) -> None:
-  """Runs body() and ends each way a run can stop short with one line and its exit status:
-  2 a setting or file to fix, 65 diverged, 74 a write failed, 75 preempted (WORKDIR/
-  PREEMPTED written, unless workdir is None: a program with no workdir of its own)."""
-  try:
-    body()
-  except errors.UserError as e:
-    fail(e)
-  except preemption.Preempted as e:
-    try:
-      if workdir is not None:
-        preemption.write_marker(workdir, str(e))
-    except OSError:  # a full disk: the exit status still says it all
-      pass
-    logging.warning("%s (exit status %d)", e, preemption.EXIT_STATUS)
-    sys.exit(preemption.EXIT_STATUS)
-  except Exception as e:
-    from care_jax.training import divergence  # noqa: PLC0415  (imports jax)
-    if isinstance(e, divergence.Diverged):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(divergence.EXIT_STATUS)
-    failure = errors.write_failure(e)
-    if failure is None:
-      raise
-    # The writes orbax had queued are abandoned: their coroutines, collected at exit, would
-    # each warn that they were never awaited, below the one line that says what happened.
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                            category=RuntimeWarning)
-    if workdir is None:
-      print(f"error: {failure}. Free some space (or make the file system writable again) "
-            "and rerun the same command.", file=sys.stderr)
-    else:
-      print(f"error: cannot write to {workdir}: {failure}. {_newest_checkpoints(workdir)} "
-            "Free some space (or make the file system writable again) and rerun the same "
-            "command: it resumes from there.", file=sys.stderr)
-    sys.exit(errors.WRITE_FAILED_EXIT_STATUS)
-
-
-def _newest_checkpoints(workdir) -> str:
-  """Where a rerun resumes from: the newest complete checkpoint of each run in `workdir`
-  (the demo's stages are runs of their own, one level down)."""
-  from care_jax import checkpointing  # noqa: PLC0415  (imports jax and orbax)
-  root = pathlib.Path(workdir)
-  runs = [root] + sorted(p for p in root.glob("*") if (p / "checkpoints").is_dir())
-  found = [(run, checkpointing.newest_intact_step(run)) for run in runs]
-  found = [(run, step) for run, step in found if step is not None]
-  if not found:
-    return "No checkpoint was complete yet."
-  return "Nothing saved before was touched; the newest intact checkpoint: " + ", ".join(
-      f"{checkpointing.checkpoint_dir(run) / str(step)}" for run, step in found) + "."
+  return not ((error is not None and errors.write_failure_reason(error))
+              or errors.write_failure_reason(Exception(text)))
 
 
 def resolve_config_path(path) -> str:

@@ -16,12 +16,11 @@ torchvision ResNet state dict (`.pth`), or a Detectron2 backbone (`.pkl`) plus t
 Detectron2 options it needs (written as a YAML beside it and printed).
 
 Errors about the files (not a checkpoint, wrong network, missing or extra keys) are one
-line on stderr and exit status 1. torch is needed only to read or write `.pth` files
-(requirements-interop.txt).
+line on stderr and exit status 2, as in every care_jax program (run_safety). torch is
+needed only to read or write `.pth` files (requirements-interop.txt).
 """
 import argparse
 import json
-import os
 import pathlib
 import pickle
 import sys
@@ -29,7 +28,7 @@ import sys
 import jax
 from absl import logging as absl_logging
 
-from care_jax import checkpointing, cli, pretrained
+from care_jax import checkpointing, cli, pretrained, run_safety
 from care_jax.interop import ConversionError, detectron2, release, torchvision
 from care_jax.models import create_networks
 from care_jax.training import pretraining
@@ -64,11 +63,11 @@ def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
       opt_state=setup.optimizer.init(online_params))
   checkpointing.save_config(workdir, config)
   with checkpointing.manager(workdir) as mgr:
-    checkpointing.save(mgr, 0, state, force=True)
+    checkpointing.save(mgr, 0, state)
     mgr.wait_until_finished()
   provenance = {"source": str(pathlib.Path(checkpoint).resolve()), "format": "CARE release",
                 "start_epoch": start_epoch, "config_preset": preset, "step": 0}
-  _write(pathlib.Path(workdir) / PROVENANCE, lambda f: json.dump(provenance, f, indent=2))
+  run_safety.write_atomic(pathlib.Path(workdir) / PROVENANCE, json.dumps(provenance, indent=2))
   print(f"Wrote {workdir}: online and target networks of {checkpoint} "
         f"(release epoch {start_epoch}) as step 0 of config {preset}.")
 
@@ -96,10 +95,10 @@ def export(workdir, fmt: str, out) -> None:
       print(f"This trunk has a small stem: set `model.conv1` to a 3x3 stride-1 conv{pool} "
             "first.")
     return
-  _write(out, lambda f: pickle.dump(detectron2.checkpoint(params, stats), f), binary=True)
+  run_safety.write_atomic(out, pickle.dumps(detectron2.checkpoint(params, stats)))
   options = detectron2.options(config.model, str(out.resolve()))
   options_file = out.with_suffix(".yaml")
-  _write(options_file, lambda f: f.write(detectron2.options_yaml(options)))
+  run_safety.write_atomic(options_file, detectron2.options_yaml(options))
   print(f"Wrote {out} (Detectron2 backbone) and {options_file} (the options it needs: merge "
         "that file into your config, or append these to train_net.py's command line):")
   print(detectron2.options_command_line(options))
@@ -112,16 +111,7 @@ def _save_torch(tensors, out: pathlib.Path) -> None:
     raise ConversionError("Writing a .pth file needs torch: pip install -r "
                           "requirements-interop.txt") from None
   state = {key: torch.from_numpy(value) for key, value in tensors.items()}
-  _write(out, lambda f: torch.save(state, f), binary=True)
-
-
-def _write(path: pathlib.Path, write, binary: bool = False) -> None:
-  """Writes through a temporary file and renames it: a crash never leaves half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb" if binary else "w") as f:
-    write(f)
-  os.replace(tmp, path)
+  run_safety.write_atomic(out, lambda tmp: torch.save(state, tmp))
 
 
 def main(argv=None) -> int:
@@ -138,14 +128,9 @@ def main(argv=None) -> int:
   to_torch.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
   to_torch.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  try:
-    if args.command == "from-release":
-      from_release(args.checkpoint, args.workdir, args.config_preset)
-    else:
-      export(args.workdir, args.format, args.out)
-  except (ConversionError, checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  run_safety.run(lambda: from_release(args.checkpoint, args.workdir, args.config_preset)
+                 if args.command == "from-release" else
+                 export(args.workdir, args.format, args.out))
   return 0
 
 

@@ -7,7 +7,7 @@ split as it trains; (2) linear evaluation of its encoder, of the same encoder at
 initialisation and of raw pixels, all under one protocol; (3) the accuracies, printed,
 written to WORKDIR/results.json, and what they show.
 
---max_pretrain_seconds stops the pretraining early through the trainer's preemption path
+--max_pretrain_seconds stops the pretraining early through the trainer's stop path
 (the checkpoint of the step reached is saved), and the probes run on it, so a lease of
 fixed length always ends with results.
 
@@ -16,22 +16,17 @@ a device lease's end) stops the demo where it is with exit status 75 and WORKDIR
 the same command then keeps the finished stages and resumes the one it was in from its
 checkpoint.
 """
-if __name__ == "__main__":  # SIGTERM is a request from the first line on
-  from care_jax import preemption as _preemption
-  _preemption.listen()
+import ast
+import datetime
+import json
+import pathlib
+import sys
+import time
 
-import ast  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from care_jax import cli, errors, preemption  # noqa: E402
+from care_jax import cli, errors, run_safety
 
 STAGES = (
     ("pretrained", "linear_top1", "the CARE-pretrained encoder"),
@@ -78,45 +73,18 @@ def make_config(preset: str, overrides=(), pretrain_steps=None):
   return config
 
 
-class TimeLimit:
-  """Asks the running stage to stop, as SIGTERM does, after `seconds` (0: never), and
-  remembers that it did: a stop then is the limit's, not a scheduler's. A limit that runs
-  out during the trainer's setup stops it at its first step."""
-
-  def __init__(self, seconds: float):
-    self.seconds, self.expired = seconds, False
-    self._timer = None
-
-  def _expire(self):
-    self.expired = True
-    preemption.request()
-
-  def __enter__(self):
-    if self.seconds > 0:
-      self._timer = threading.Timer(self.seconds, self._expire)
-      self._timer.daemon = True
-      self._timer.start()
-    return self
-
-  def __exit__(self, *exc):
-    if self._timer is not None:
-      self._timer.cancel()
-    if self.expired:
-      preemption.withdraw()  # ran out after the last step: not the probes' to obey
-
-
 def pretrain(config, workdir: pathlib.Path, steps_per_epoch: int, total_steps: int,
-             max_seconds: float) -> dict:
+             max_seconds: float, safety: run_safety.RunSafety) -> dict:
   """Pretrains; returns the epochs reached, whether the time limit stopped it, and the
   last kNN / online-probe top-1 with the epoch they were measured at. A scheduler's SIGTERM
-  stops it (Preempted) with the checkpoint saved."""
+  stops it (run_safety.Stopped) with the checkpoint saved."""
   from care_jax import plot, train  # noqa: PLC0415
-  with TimeLimit(max_seconds) as limit:
+  with safety.time_limit(max_seconds):
     try:
-      train.pretrain(config, str(workdir))
+      train.pretrain(config, str(workdir), safety)
       steps, stopped = total_steps, False
-    except preemption.Preempted as e:
-      if not limit.expired:
+    except run_safety.Stopped as e:
+      if e.source != run_safety.TIME_LIMIT:
         raise
       steps, stopped = e.step, True
   out = {"pretrain_epochs": round(steps / steps_per_epoch, 3),
@@ -155,9 +123,7 @@ class StageRecord:
 
 
 def _write_json(path: pathlib.Path, content: dict) -> None:
-  tmp = path.with_name(path.name + ".tmp")  # a reader never sees half a file
-  tmp.write_text(json.dumps(content, indent=2))
-  tmp.replace(path)
+  run_safety.write_atomic(path, json.dumps(content, indent=2))
 
 
 def targets_met(results: dict) -> dict:
@@ -207,37 +173,57 @@ def conclusion(results: dict, preset: str) -> list:
 
 
 def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain_steps=None,
-             max_pretrain_seconds: float = 0) -> dict:
+             max_pretrain_seconds: float = 0, safety: run_safety.RunSafety | None = None) -> dict:
   import jax  # noqa: PLC0415
+  safety = safety or run_safety.RunSafety()
   preset = choose_preset(preset)
   config = make_config(preset, overrides, pretrain_steps)
-  from care_jax.data import input_pipeline  # noqa: PLC0415
-  from care_jax import train  # noqa: PLC0415
-  steps_per_epoch, total_steps = train.schedule_length(
-      config, input_pipeline.dataset_info(config.data).num_train_examples)
   workdir.mkdir(parents=True, exist_ok=True)
   record = StageRecord(workdir, {"preset": preset, "overrides": list(overrides),
                                  "pretrain_steps": pretrain_steps})
-  model = config.model
   results = {"preset": preset, "device": jax.devices()[0].device_kind,
              "date": datetime.date.today().isoformat(),
              "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:])}
+  results.update(_pretrain_stage(config, preset, workdir, record, max_pretrain_seconds, safety))
+  if "knn_top1" in results:
+    print(f"After pretraining: kNN top-1 {results['knn_top1']:.4f}, online probe top-1 "
+          f"{results.get('online_probe_top1', float('nan')):.4f} on the test images", flush=True)
+  results.update(_probe_stages(preset, overrides, pretrain_steps, workdir, record, safety))
+  results["total_seconds"] = round(results["pretrain_seconds"] + sum(
+      results[key.replace("top1", "seconds")] for _, key, _ in STAGES), 1)
+  if preset == "fmnist_gpu":
+    results["targets_met"] = targets_met(results)
+  lines = conclusion(results, preset)
+  results["conclusion"] = " ".join(lines)
+  _write_json(workdir / "results.json", results)
+  _print_results(results, workdir, lines)
+  return results
+
+
+def _pretrain_stage(config, preset, workdir, record, max_seconds, safety) -> dict:
+  from care_jax import train  # noqa: PLC0415
+  from care_jax.data import input_pipeline  # noqa: PLC0415
+  steps_per_epoch, total_steps = train.schedule_length(
+      config, input_pipeline.dataset_info(config.data).num_train_examples)
+  model = config.model
   banner(f"1/4 Pretraining CARE ({model.arch} width {model.channels} + "
          f"{model.t_stream.num_blocks}-block T-stream, {config.precision}) on Fashion-MNIST, "
          f"{config.data.image_size} px, {total_steps / steps_per_epoch:.3g} epochs (preset "
          f"{preset}); progress, loss terms and ETA below")
   if "pretrain" in record.stages:
     print("Done in an earlier run of this command (demo_stages.json).", flush=True)
-  else:
-    start = time.monotonic()
-    out = pretrain(config, workdir / "pretrain", steps_per_epoch, total_steps,
-                   max_pretrain_seconds)
-    record.finish("pretrain", {**out, "pretrain_seconds": round(time.monotonic() - start, 1)})
-  results.update(record.stages["pretrain"])
-  if "knn_top1" in results:
-    print(f"After pretraining: kNN top-1 {results['knn_top1']:.4f}, online probe top-1 "
-          f"{results.get('online_probe_top1', float('nan')):.4f} on the test images", flush=True)
+    return record.stages["pretrain"]
+  start = time.monotonic()
+  out = pretrain(config, workdir / "pretrain", steps_per_epoch, total_steps, max_seconds,
+                 safety)
+  return record.finish("pretrain", {**out, "pretrain_seconds": round(time.monotonic() - start,
+                                                                      1)})
+
+
+def _probe_stages(preset, overrides, pretrain_steps, workdir, record, safety) -> dict:
+  """The linear probe of each encoder of STAGES, under one protocol."""
   from care_jax.evaluation import linear  # noqa: PLC0415
+  results = {}
   for i, (encoder, key, description) in enumerate(STAGES, start=2):
     banner(f"{i}/4 Linear evaluation of {description}")
     if encoder not in record.stages:
@@ -246,20 +232,17 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
       eval_config.mode = "linear_eval"
       eval_config.linear_eval.encoder = encoder
       eval_config.linear_eval.pretrained_workdir = str(workdir / "pretrain")
-      out = linear.evaluate(eval_config, str(workdir / f"linear_{encoder}"))
+      out = linear.evaluate(eval_config, str(workdir / f"linear_{encoder}"), safety)
       record.finish(encoder, {key: out["final_top1"],
                               key.replace("top1", "best_top1"): out["best_top1"],
                               key.replace("top1", "seconds"): round(time.monotonic() - t, 1)})
     results.update(record.stages[encoder])
     print(f"{description}: final top-1 {results[key]:.4f} "
           f"({results[key.replace('top1', 'seconds')]:.0f} s)", flush=True)
-  results["total_seconds"] = round(results["pretrain_seconds"] + sum(
-      results[key.replace("top1", "seconds")] for _, key, _ in STAGES), 1)
-  if preset == "fmnist_gpu":
-    results["targets_met"] = targets_met(results)
-  lines = conclusion(results, preset)
-  results["conclusion"] = " ".join(lines)
-  _write_json(workdir / "results.json", results)
+  return results
+
+
+def _print_results(results: dict, workdir: pathlib.Path, lines: list) -> None:
   banner("Results (top-1 on the 10,000 test images, final epoch of the linear probe)")
   for _, key, description in STAGES:
     print(f"  {description:<45} {results[key]:.4f}")
@@ -270,7 +253,6 @@ def run_demo(workdir: pathlib.Path, preset: str = "auto", overrides=(), pretrain
         f"{workdir / 'results.json'}")
   for line in lines:
     print(f"  {line}")
-  return results
 
 
 def _define_flags() -> None:
@@ -292,10 +274,13 @@ def main(argv):
   del argv
   cli.configure_logging()
   f = flags.FLAGS
-  cli.run_guarded(lambda: run_demo(pathlib.Path(f.workdir), f.preset, f.set,
-                                   f.pretrain_steps, f.max_pretrain_seconds), f.workdir)
+  run_safety.run(lambda: run_demo(pathlib.Path(f.workdir), f.preset, f.set, f.pretrain_steps,
+                                  f.max_pretrain_seconds, SAFETY), f.workdir)
 
+
+SAFETY = run_safety.RunSafety()
 
 if __name__ == "__main__":
+  SAFETY.listen()  # before JAX loads: SIGTERM is a request from here on
   _define_flags()
   app.run(main)

@@ -1,20 +1,27 @@
 """The errors a user can cause, or that the machine causes: a setting, a dataset, a
-checkpoint, a full disk. Entry points print the message (which says what to do) as one
-line and exit non-zero instead of a traceback; anything else is a bug in care_jax and
-keeps its traceback.
-
-Exit statuses (sysexits.h where one fits): 2 a setting or file to fix (UserError), 65
-training diverged (training/divergence.py), 74 a write failed (WriteFailure: disk full,
-quota, read-only file system), 75 preempted (preemption.py).
+checkpoint, a full disk, a file system that lags. Entry points print the message (which
+says what to do) as one line and exit with the status of its class (run_safety); anything
+else is a bug in care_jax and keeps its traceback.
 """
 import errno
-import os
-
-WRITE_FAILED_EXIT_STATUS = 74  # EX_IOERR
 
 
 class UserError(ValueError):
   """A setting that cannot work; the message names the field and what to set."""
+
+
+class TransientError(RuntimeError):
+  """A fault that may pass (a shared file system that lags behind, an I/O error): a rerun
+  of the same command resumes, so a scheduler should requeue it."""
+
+
+class WriteFailed(Exception):
+  """A write the machine refused (full disk, quota, read-only file system), named by the
+  code that wrote: `where` is the file or checkpoint it was writing."""
+
+  def __init__(self, where, reason: str):
+    super().__init__(f"writing {where} failed ({reason})")
+    self.where, self.reason = str(where), reason
 
 
 def check_positive(value, field: str) -> None:
@@ -33,8 +40,8 @@ _WRITE_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": 
                 "Read-only file system": errno.EROFS, "File too large": errno.EFBIG}
 
 
-def write_failure(error: BaseException) -> str | None:
-  """'what failed (why)' if `error` (or an error it was raised from) is a failed write of
+def write_failure_reason(error: BaseException) -> str | None:
+  """Why a write failed, if `error` (or an error it was raised from) is a refused write of
   the kind a user fixes on the machine, else None. Orbax wraps the OS's error in
   TensorStore's text, so the message is read too."""
   seen = set()
@@ -45,35 +52,13 @@ def write_failure(error: BaseException) -> str | None:
       reason = next((_WRITE_ERRNOS[code] for words, code in _WRITE_WORDS.items()
                      if words in str(error)), None)
     if reason is not None:
-      where = (getattr(error, "filename", None) or _quoted_path(str(error))
-               or _path_written(error))
-      if where and ".orbax-checkpoint-tmp" in str(where):
-        where = str(where).split(".orbax-checkpoint-tmp")[0]  # the checkpoint being saved
-      return f"writing {where} failed ({reason})" if where else f"a write failed ({reason})"
+      return reason
     error = error.__cause__ or error.__context__
   return None
 
 
-def _quoted_path(text: str) -> str | None:
-  """The first absolute path quoted in an error message (TensorStore quotes its files)."""
-  for part in text.split('"')[1::2]:
-    if part.startswith("/"):
-      return part
-  return None
-
-
-def _path_written(error: BaseException) -> str | None:
-  """The path a failed write was writing, read from the innermost frame of its traceback
-  that holds one: a file object's write() raises OSError(ENOSPC) without a filename (etils'
-  Path.write_text, which orbax uses for its metadata, does)."""
-  frames = []
-  traceback = error.__traceback__
-  while traceback is not None:
-    frames.append(traceback.tb_frame)
-    traceback = traceback.tb_next
-  for frame in reversed(frames):
-    for name in ("self", "path", "filename"):
-      value = frame.f_locals.get(name)
-      if isinstance(value, os.PathLike):
-        return os.fspath(value)
-  return None
+def raise_if_write_failed(error: BaseException, where) -> None:
+  """Raises WriteFailed(where) from `error` when it is a refused write."""
+  reason = write_failure_reason(error)
+  if reason is not None:
+    raise WriteFailed(where, reason) from error

@@ -7,21 +7,18 @@ Rerunning the same command resumes from the latest checkpoint in DIR. Exit statu
 the run is complete, 2 for a setting or file to fix (one line on stderr), 65 when training
 diverged (one line: the step, the figures, what to change; nothing non-finite is saved),
 74 when a write failed (a full disk, a quota, a read-only file system: one line; rerun with
-space to resume), 75 when SIGTERM stopped the run (preempted: rerun the same command to
-resume; DIR/PREEMPTED says so too, for launchers that lose the status). SIGTERM is a
-request from the first line on: this module installs its handler before JAX loads.
+space to resume), 75 when SIGTERM stopped the run or a fault may pass (rerun the same
+command to resume; DIR/PREEMPTED says so too, for launchers that lose the status). SIGTERM
+is a request from flag parsing on: JAX loads after the handler (run_safety).
 """
-if __name__ == "__main__":
-  from care_jax import preemption as _preemption
-  _preemption.listen()
+import sys
 
-import sys  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from care_jax import cli, errors, run_safety
 
-from care_jax import cli, errors  # noqa: E402
+SAFETY = run_safety.RunSafety()
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(cli.CONFIG_FILE),
                                           "Config file, optionally with :preset (presets "
@@ -29,20 +26,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(cli.CONFIG_FILE),
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 
 
-def run(config, workdir: str):
-  """Runs config.mode in `workdir`; raises preemption.Preempted when stopped early,
+def run(config, workdir: str, safety: run_safety.RunSafety = SAFETY):
+  """Runs config.mode in `workdir`; raises run_safety.Stopped when stopped early,
   divergence.Diverged when pretraining diverged."""
+  import jax  # noqa: PLC0415  (after the SIGTERM handler: loading JAX takes seconds)
   if config.distributed:
     jax.distributed.initialize()  # cluster (SLURM, ...) detected from the environment
   if config.mode == "pretrain":
-    from care_jax import train
-    return train.pretrain(config, workdir)
+    from care_jax import train  # noqa: PLC0415
+    return train.pretrain(config, workdir, safety)
   if config.mode == "linear_eval":
-    from care_jax.evaluation import linear
-    return linear.evaluate(config, workdir)
+    from care_jax.evaluation import linear  # noqa: PLC0415
+    return linear.evaluate(config, workdir, safety)
   if config.mode == "finetune":
-    from care_jax.evaluation import finetune
-    return finetune.finetune(config, workdir)
+    from care_jax.evaluation import finetune  # noqa: PLC0415
+    return finetune.finetune(config, workdir, safety)
   raise errors.UserError(f"config.mode must be 'pretrain', 'linear_eval' or 'finetune', got "
                          f"{config.mode!r}.")
 
@@ -83,7 +81,9 @@ def _print_help(argv):
 
 def parse_flags(argv):
   """absl's parsing, with config mistakes reported as one line (exit status 2) instead of a
-  traceback, and the --config file found from any directory (cli.resolve_config_path)."""
+  traceback, and the --config file found from any directory (cli.resolve_config_path).
+  Installs the SIGTERM handler first: absl calls this before anything else."""
+  SAFETY.listen()
   argv = cli.resolve_config_args(argv)
   if any(arg in cli.HELP_FLAGS for arg in argv[1:]):
     _print_help(argv)
@@ -111,7 +111,7 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and metrics go.")
   cli.configure_logging()
-  cli.run_guarded(lambda: run(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
+  run_safety.run(lambda: run(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
 
 
 if __name__ == "__main__":

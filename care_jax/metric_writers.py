@@ -15,6 +15,8 @@ import time
 
 import jax
 
+from care_jax import errors
+
 try:
   from clu import metric_writers as _clu_writers
 except ImportError:  # No clu, or clu without tensorflow.
@@ -84,18 +86,56 @@ class _Writers:
       writer.close()
 
 
+class NullWriter:
+  """Writes nothing: what processes other than 0 write to TensorBoard."""
+
+  def write_scalars(self, step: int, scalars) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class _NamingWriteFailures:
+  """A writer whose refused writes (full disk, ...) are errors.WriteFailed naming `logdir`:
+  TensorBoard's writers report them far from the file, at a flush."""
+
+  def __init__(self, writer, logdir):
+    self._writer, self._logdir = writer, logdir
+
+  def _call(self, method, *args):
+    try:
+      return getattr(self._writer, method)(*args)
+    except Exception as e:  # TensorFlow, tensorboard and the OS raise many types
+      errors.raise_if_write_failed(e, f"{self._logdir} (TensorBoard events)")
+      raise
+
+  def write_scalars(self, step: int, scalars) -> None:
+    self._call("write_scalars", step, scalars)
+
+  def flush(self) -> None:
+    self._call("flush")
+
+  def close(self) -> None:
+    self._call("close")
+
+
 def create_default_writer(logdir, *, just_logging: bool = False):
   """Log lines, plus TensorBoard events in `logdir` unless just_logging (other processes)."""
   if HAVE_CLU:
-    return _clu_writers.create_default_writer(logdir, just_logging=just_logging)
-  return _Writers([_LogWriter()] + ([] if just_logging else [_EventWriter(logdir)]))
+    writer = _clu_writers.create_default_writer(logdir, just_logging=just_logging)
+  else:
+    writer = _Writers([_LogWriter()] + ([] if just_logging else [_EventWriter(logdir)]))
+  return _NamingWriteFailures(writer, logdir)
 
 
 def SummaryWriter(logdir):  # noqa: N802  (clu's class name)
   """TensorBoard events only, no log lines."""
-  if HAVE_CLU:
-    return _clu_writers.SummaryWriter(str(logdir))
-  return _EventWriter(logdir)
+  writer = _clu_writers.SummaryWriter(str(logdir)) if HAVE_CLU else _EventWriter(logdir)
+  return _NamingWriteFailures(writer, logdir)
 
 
 class Profile:

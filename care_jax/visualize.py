@@ -20,21 +20,17 @@ baseline to compare a trained one with.
 SIGTERM stops it between its stages (loading the network, the images, the maps, drawing)
 with exit status 75 and no PNG: rerun the same command.
 """
-if __name__ == "__main__":  # SIGTERM is a request from the first line on
-  from care_jax import preemption as _preemption
-  _preemption.listen()
+import argparse
+import json
+import pathlib
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from care_jax import checkpointing, cli, preemption, pretrained  # noqa: E402
-from care_jax.data import augment, input_pipeline  # noqa: E402
-from care_jax.errors import UserError  # noqa: E402
+from care_jax import checkpointing, pretrained, run_safety
+from care_jax.data import augment, input_pipeline
+from care_jax.errors import UserError
 
 
 def load_network(workdir: str, encoder: str):
@@ -143,12 +139,9 @@ def draw(images: np.ndarray, t_maps: np.ndarray, c_maps: np.ndarray, out: str, t
   for j, name in enumerate(["image"] + [f"T head {h}" for h in range(heads)] + ["C-stream"]):
     axes[0, j].set_title(name, fontsize=8)
   fig.suptitle(title, fontsize=8)
-  tmp = pathlib.Path(out).with_name(pathlib.Path(out).name + ".tmp.png")
-  try:
-    fig.savefig(tmp, dpi=dpi)  # then renamed: a stopped run leaves no half-drawn PNG
-    tmp.replace(out)
+  try:  # a stopped run leaves no half-drawn PNG
+    run_safety.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
   finally:
-    tmp.unlink(missing_ok=True)
     plt.close(fig)
 
 
@@ -170,26 +163,26 @@ def main(argv=None) -> None:
   parser.add_argument("--encoder", default="pretrained", choices=["pretrained", "random_init"])
   parser.add_argument("--block", type=int, default=0, help="T-stream block (0: the first)")
   parser.add_argument("--query", default="mean", help="'mean' or a query position ROW,COL")
+  safety = run_safety.RunSafety().listen()
   args = parser.parse_args(argv)
-  cli.run_guarded(lambda: _visualize(args), None)
+  run_safety.run(lambda: _visualize(args, safety))
 
 
-def _visualize(args) -> None:
+def _visualize(args, safety) -> None:
   indices = _indices(args.images)  # the arguments' forms first, before anything is loaded
   if args.query != "mean":
     _query_position(args.query)
   if not pathlib.Path(args.out).absolute().parent.is_dir():
     raise UserError(f"--out {args.out}: its folder does not exist.")
-  preemption.listen()
   config, network, variables = load_network(args.workdir, args.encoder)
-  preemption.check()
+  safety.check()
   images = eval_images(config.data, np.asarray(indices, np.int64))
-  preemption.check()
+  safety.check()
   attention, c_maps = stream_maps(network, variables, images, args.block)
-  preemption.check()
+  safety.check()
   t_maps = query_maps(attention, args.query)
   grid = "x".join(str(d) for d in attention.shape[2:4])
-  preemption.check()
+  safety.check()
   draw(images, t_maps, c_maps, args.out,
        f"{args.encoder} encoder of {args.workdir}: T-stream block {args.block} ({grid}), "
        f"query {args.query}")

@@ -45,8 +45,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gpu_bench  # noqa: E402
+import gpu_bench  # experiments/, the script's own directory
 
 ROOT = gpu_bench.ROOT
 WHEELS = os.path.join(ROOT, "wheels")

@@ -4,6 +4,8 @@ import tempfile
 
 import pytest
 
+from care_jax import run_safety  # imports no JAX: the settings below come first
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile the
@@ -34,7 +36,7 @@ def run_on_devices(script: str, devices: int, collective_timeout: int = 600) -> 
   import sys
   # XLA:CPU aborts a collective whose devices arrive over 40 s apart, which simulated devices
   # sharing two busy cores can do (the full-count rehearsal hit it, docs/scale.md).
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                        f"--xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout}")
   out = subprocess.run([sys.executable, f"tests/scripts/{script}"], cwd=ROOT, env=env,
@@ -135,3 +137,23 @@ def relative_differences(a, b) -> dict:
   return {part: float(np.linalg.norm(flat(getattr(a, part)) - flat(getattr(b, part)))
                       / np.linalg.norm(flat(getattr(a, part))))
           for part in STATE_PARTS}
+
+
+class StopAt(run_safety.RunSafety):
+  """A stop request as SIGTERM makes it, at a chosen point: after step `step`
+  (between steps), or with during_evaluation at the first check between the batches of an
+  evaluation after that step."""
+
+  def __init__(self, step: int, during_evaluation: bool = False):
+    super().__init__()
+    self._at, self._during_evaluation, self._seen, self._done = step, during_evaluation, 0, False
+
+  def stop_source(self, step=None, mgr=None):
+    if step is not None:
+      self._seen = step
+    wanted = (step is None and self._seen == self._at if self._during_evaluation
+              else step == self._at)
+    if wanted and not self._done:
+      self._done = True
+      return run_safety.SIGTERM
+    return None

@@ -221,7 +221,7 @@ def test_files_that_are_not_release_checkpoints_give_one_line(tmp_path):
               other_model: "expected a dict with a 'model' state dict"}
   for path, message in expected.items():
     out = run_cli("from-release", path, "--workdir", tmp_path / "out", "--config-preset", "tiny")
-    assert out.returncode == 1, (path, out.stderr)
+    assert out.returncode == 2, (path, out.stderr)
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert message in out.stderr and str(path) in out.stderr, out.stderr
   assert not marker.exists()  # the pickled code never ran
@@ -234,6 +234,8 @@ def test_other_models_and_absent_files_are_named(tmp_path, capsys):
   expected = {other_ddp: "has no student_encoder.* weights",
               tmp_path / "absent.pth.tar": "no such file"}
   for path, message in expected.items():
-    assert convert.main(["from-release", str(path), "--workdir", str(tmp_path / "out")]) == 1
+    with pytest.raises(SystemExit) as exit_:
+      convert.main(["from-release", str(path), "--workdir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and str(path) in err, err

@@ -10,7 +10,7 @@ import types
 import pytest
 from absl import flags
 
-from care_jax import demo, errors, main, preemption
+from care_jax import demo, errors, main, run_safety
 from tests.conftest import ROOT, load_config
 
 
@@ -44,26 +44,6 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
   assert "stopped the pretraining at epoch 61 of 100" in stopped[-1]
 
 
-def test_time_limit_requests_one_stop_and_only_when_asked():
-  preemption.withdraw()
-  with demo.TimeLimit(0) as limit:
-    time.sleep(0.2)
-  assert not limit.expired and not preemption.requested()
-  # The limit runs out before the trainer's loop starts (during its setup): the request is
-  # kept, and the first check honours it, once.
-  with demo.TimeLimit(0.02) as limit:
-    time.sleep(0.3)
-    assert limit.expired and preemption.requested() and not preemption.requested()
-  with demo.TimeLimit(0.3) as limit:
-    pass  # left before the limit: no request
-  time.sleep(0.5)
-  assert not limit.expired and not preemption.requested()
-  # Expired after the last step: withdrawn on the way out, not the probes' to obey.
-  with demo.TimeLimit(0.02) as limit:
-    time.sleep(0.2)
-  assert limit.expired and not preemption.requested()
-
-
 def test_the_demo_and_the_main_program_import_into_one_process():
   """Their absl flags (both have --workdir) are defined only by the one that runs."""
   assert main._WORKDIR.name in flags.FLAGS and "max_pretrain_seconds" not in flags.FLAGS
@@ -82,7 +62,7 @@ def test_unknown_field_or_a_value_of_another_type_is_refused():
     demo.make_config("fmnist_gpu", ["num_epochs=50.5"])
 
 
-def stopped_at_step_290(config, workdir):  # as train.pretrain does when asked to stop
+def stopped_at_step_290(config, workdir, safety):  # as train.pretrain does when asked to stop
   from care_jax import metric_writers
   writer = metric_writers.create_default_writer(workdir)
   for step in (50, 100, 150, 200, 250):
@@ -90,17 +70,18 @@ def stopped_at_step_290(config, workdir):  # as train.pretrain does when asked t
   writer.write_scalars(290, {"knn_top1": 0.8, "online_probe_top1": 0.7})
   writer.flush()
   deadline = time.monotonic() + 5
-  while not preemption.requested():
+  while (source := safety.stop_source(290)) is None:
     assert time.monotonic() < deadline
     time.sleep(0.01)
-  raise preemption.Preempted(290)
+  raise run_safety.Stopped(290, source)
 
 
 def test_a_pretraining_stopped_by_the_time_limit_reports_the_epoch_reached(
     tmp_path, monkeypatch):
   from care_jax import train
   monkeypatch.setattr(train, "pretrain", stopped_at_step_290)
-  out = demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0.05)
+  out = demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0.05,
+                      safety=run_safety.RunSafety())
   assert out == {"pretrain_epochs": 5.0, "pretrain_scheduled_epochs": 100.0,
                  "pretrain_stopped_by_time_limit": True,
                  "pretrain_pairs_per_sec_median": 20175.0,  # the first period left out
@@ -109,13 +90,15 @@ def test_a_pretraining_stopped_by_the_time_limit_reports_the_epoch_reached(
 
 
 def test_a_schedulers_stop_during_pretraining_stops_the_demo(tmp_path, monkeypatch):
-  """Not the time limit's: the demo does not go on to the probes; Preempted reaches the
-  program, which exits 75."""
+  """Not the time limit's, even with a limit set: the demo does not go on to the probes;
+  Stopped reaches the program, which exits 75."""
   from care_jax import train
   monkeypatch.setattr(train, "pretrain", stopped_at_step_290)
-  threading.Timer(0.05, preemption.request).start()  # as SIGTERM would
-  with pytest.raises(preemption.Preempted):
-    demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=0)
+  safety = run_safety.RunSafety()
+  threading.Timer(0.05, safety._on_sigterm, (15, None)).start()
+  with pytest.raises(run_safety.Stopped, match="^Stopped by SIGTERM"):
+    demo.pretrain(None, tmp_path, steps_per_epoch=58, total_steps=5800, max_seconds=60,
+                  safety=safety)
 
 
 def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, monkeypatch):
@@ -123,14 +106,14 @@ def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, 
   from care_jax.evaluation import linear
   calls = []
 
-  def fake_pretrain(config, workdir):
+  def fake_pretrain(config, workdir, safety):
     calls.append("pretrain")
     pathlib.Path(workdir).mkdir()  # where its events would be
 
-  def fake_evaluate(config, workdir):
+  def fake_evaluate(config, workdir, safety):
     calls.append(config.linear_eval.encoder)
     if config.linear_eval.encoder == "random_init" and calls.count("random_init") == 1:
-      raise preemption.Preempted(7)  # the first run is stopped in the second probe
+      raise run_safety.Stopped(7)  # the first run is stopped in the second probe
     return {"final_top1": 0.5, "best_top1": 0.6}
 
   monkeypatch.setattr(train, "pretrain", fake_pretrain)
@@ -139,7 +122,7 @@ def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, 
   from care_jax.data import input_pipeline
   monkeypatch.setattr(input_pipeline, "dataset_info", lambda data: types.SimpleNamespace(
       num_train_examples=64))
-  with pytest.raises(preemption.Preempted):
+  with pytest.raises(run_safety.Stopped):
     demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])
   assert calls == ["pretrain", "pretrained", "random_init"]
   results = demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])

@@ -9,9 +9,8 @@ import pytest
 from care_jax import checkpointing, pretrained
 from care_jax.errors import UserError
 from care_jax.evaluation import finetune
-from care_jax import preemption
-from care_jax.evaluation import loop
-from tests.conftest import load_config
+from care_jax import run_safety
+from tests.conftest import StopAt, load_config
 
 
 def test_fashion_mnist_10pct_is_a_balanced_tenth(fmnist_data_dir):
@@ -59,7 +58,7 @@ def final_variables(workdir):
 
 
 def test_finetuning_learns_trains_the_trunk_and_resumes_exactly(
-    tmp_path, separable_folder, pretrained_workdir, monkeypatch):
+    tmp_path, separable_folder, pretrained_workdir):
   """Six separable colours (conftest.SEPARABLE_TINTS), 96 labelled images in 6 steps an
   epoch: fine-tuning improves accuracy to well above chance (1/6; measured 0.17, 0.35,
   0.44 over the 3 epochs since 2026-12-05, 0.56 before: the fixture's pretrained encoder
@@ -84,17 +83,8 @@ def test_finetuning_learns_trains_the_trunk_and_resumes_exactly(
                start["batch_stats"]["trunk"]["layer4_1"]["bn2"]["var"])
 
   # Stopped after step 8 of 18 (mid-epoch 2, as SIGTERM stops it), then rerun: the same.
-  check = loop.Evaluation._stop_if_requested
-
-  def stop_after_step_8(self, state, history, **kwargs):
-    if int(state["step"]) == 8:
-      preemption.request()  # what SIGTERM does
-    return check(self, state, history, **kwargs)
-
-  monkeypatch.setattr(loop.Evaluation, "_stop_if_requested", stop_after_step_8)
-  with pytest.raises(preemption.Preempted, match="checkpoint of step 8"):
-    finetune.finetune(config, str(tmp_path / "preempted"))
-  monkeypatch.undo()
+  with pytest.raises(run_safety.Stopped, match="checkpoint of step 8;"):
+    finetune.finetune(config, str(tmp_path / "preempted"), StopAt(8))
   assert not (tmp_path / "preempted" / "results.json").exists()
   assert finetune.finetune(config, str(tmp_path / "preempted")) == want
 

@@ -52,7 +52,7 @@ def run(request, tmp_path_factory):
   workdir = tmp_path_factory.mktemp(request.param)
   checkpointing.save_config(workdir, config)
   with checkpointing.manager(workdir) as mgr:
-    checkpointing.save(mgr, 3, state, force=True)
+    checkpointing.save(mgr, 3, state)
     mgr.wait_until_finished()
   images = np.random.default_rng(3).standard_normal((4, 32, 32, 3)).astype(np.float32)
   network, variables = pretrained.load(workdir)
@@ -155,14 +155,14 @@ def test_detectron2_export_has_its_names_and_input_options(run, tmp_path, capsys
 
 def test_detectron2_export_refuses_the_small_stem_and_other_names(tmp_path, capsys):
   checkpointing.save_config(tmp_path, load_config("tiny"))  # 16 px: the 3x3 stem
-  assert convert.main(["export", str(tmp_path), "--format", "detectron2",
-                       "--out", str(tmp_path / "x.pkl")]) == 1
+  assert exit_code(["export", str(tmp_path), "--format", "detectron2",
+                       "--out", str(tmp_path / "x.pkl")]) == 2
   assert "small stem" in capsys.readouterr().err
-  assert convert.main(["export", str(tmp_path), "--format", "detectron2",
-                       "--out", str(tmp_path / "x.pth")]) == 1
+  assert exit_code(["export", str(tmp_path), "--format", "detectron2",
+                       "--out", str(tmp_path / "x.pth")]) == 2
   assert "*.pkl" in capsys.readouterr().err
-  assert convert.main(["export", str(tmp_path / "absent"), "--format", "torchvision",
-                       "--out", str(tmp_path / "x.pth")]) == 1
+  assert exit_code(["export", str(tmp_path / "absent"), "--format", "torchvision",
+                       "--out", str(tmp_path / "x.pth")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "is not a care_jax workdir" in err
 
@@ -172,5 +172,11 @@ def test_a_workdir_without_checkpoints_gives_one_line(tmp_path):
   out = subprocess.run([sys.executable, "-m", "care_jax.convert", "export", str(tmp_path),
                         "--format", "torchvision", "--out", str(tmp_path / "x.pth")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 1
+  assert out.returncode == 2
   assert out.stderr.count("\n") == 1 and "No checkpoint in" in out.stderr, out.stderr
+
+
+def exit_code(args) -> int:
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(args)
+  return exit_.value.code

@@ -182,5 +182,5 @@ def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image
   with caplog.at_level(logging.INFO):
     metrics = train.pretrain(config, str(tmp_path))
   assert 0 <= metrics["knn_top1"] <= 1
-  assert any(r.getMessage().startswith("monitor at step 3: knn_top1 ")
+  assert any(r.getMessage().startswith("evaluation at step 3: knn_top1 ")
              for r in caplog.records)

@@ -125,4 +125,5 @@ def test_processes_that_see_different_steps_stop_naming_the_host(tmp_path, pretr
           and newest + 2 not in reports[1 - sees_newer]["sees"])
   for report in reports:
     assert report["error"].startswith("The processes do not see the same checkpoints")
+    assert report["transient"]  # exit 75: a scheduler requeues it; the lag may pass
     assert f"process 1 on host {socket.gethostname()} sees steps [" in report["error"]

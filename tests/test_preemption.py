@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from care_jax import preemption
+from care_jax import run_safety
 from care_jax.evaluation import linear
 from tests.conftest import ROOT, tiny_run_args
 from tests.test_linear_eval import eval_config, main_args
@@ -38,9 +38,15 @@ def test_sigterm_during_startup_exits_75_and_the_rerun_completes(
                      "--config.linear_eval.num_epochs=2",
                      "--config.linear_eval.global_batch_size=8")
   status, stderr = terminated_early(args, after_seconds=1.0)
-  assert status == preemption.EXIT_STATUS == 75, stderr[-3000:]
+  assert status == run_safety.EXIT_RERUN == 75, stderr[-3000:]
   assert "Traceback" not in stderr and "(exit status 75)" in stderr
-  assert (tmp_path / "PREEMPTED").read_text().startswith("Preempted: ")
+  # The phase it hit: before the first step (JAX takes seconds to load), so pretraining
+  # stops at its first step, and linear evaluation while it embeds the training split,
+  # before its first step (nothing to save).
+  phase = ("saved the checkpoint of step 1;" if mode == "pretrain"
+           else "nothing of this stage needed saving")
+  assert (tmp_path / "PREEMPTED").read_text().startswith(f"Stopped by SIGTERM: {phase}"), \
+      stderr[-3000:]
   out = run(args)
   assert out.returncode == 0, out.stderr[-3000:]
   if mode == "linear_eval":
@@ -53,9 +59,10 @@ def test_a_stop_while_linear_evaluation_embeds_the_split_loses_nothing(
   there saves nothing (there is nothing yet) and the rerun gives the uninterrupted result."""
   config = eval_config(image_folder, pretrained_workdir, augment=False, num_epochs=2)
   want = linear.evaluate(config, str(tmp_path / "whole"))
-  preemption.request()  # as SIGTERM does, before the first batch is embedded
-  with pytest.raises(preemption.Preempted, match="nothing of this stage needed saving"):
-    linear.evaluate(config, str(tmp_path / "stopped"))
+  safety = run_safety.RunSafety()
+  safety.request()  # as SIGTERM does, before the first batch is embedded
+  with pytest.raises(run_safety.Stopped, match="nothing of this stage needed saving"):
+    linear.evaluate(config, str(tmp_path / "stopped"), safety)
   assert not (tmp_path / "stopped" / "checkpoints").exists() or not any(
       (tmp_path / "stopped" / "checkpoints").iterdir())
   assert linear.evaluate(config, str(tmp_path / "stopped")) == want

@@ -22,8 +22,8 @@ from care_jax import checkpointing, cli, convert, errors, train
 from care_jax.data import input_pipeline
 from care_jax.errors import UserError
 from care_jax.evaluation import finetune, linear
-from care_jax.preemption import EXIT_STATUS, Preempted
-from care_jax.training import pretraining
+from care_jax.run_safety import EXIT_RERUN as EXIT_STATUS, RunSafety, Stopped
+from care_jax.training import loop, pretraining
 from tests.conftest import ROOT, load_config, tiny_run_args
 from tests.test_data_bad_input import folder_with, pretrain as pretrain_batches
 from tests.test_trainer import final_state
@@ -102,10 +102,11 @@ def test_batch_check_keeps_the_upper_bound():
 def test_convert_says_a_missing_checkpoint_is_missing_before_asking_for_torch(
     tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-  status = convert.main(["from-release", str(tmp_path / "nonexistent.pth.tar"),
-                         "--workdir", str(tmp_path / "w"), "--config-preset", "tiny"])
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(["from-release", str(tmp_path / "nonexistent.pth.tar"),
+                  "--workdir", str(tmp_path / "w"), "--config-preset", "tiny"])
   err = capsys.readouterr().err
-  assert status == 1
+  assert exit_.value.code == 2  # a file to fix, as in every program
   assert err.startswith("error: ") and "nonexistent.pth.tar: no such file" in err
   assert "torch" not in err and err.count("\n") == 1
   assert not (tmp_path / "w").exists()
@@ -179,7 +180,7 @@ def test_the_wheel_holds_every_module_and_the_configs(tmp_path):
 
 def test_progress_counts_only_the_steps_this_process_ran():
   clock = iter([100.0, 110.0, 140.0, 150.0, 200.0]).__next__
-  progress = train.Progress(start_step=40, total_steps=100, every_secs=30, clock=clock)
+  progress = loop.Progress(start_step=40, total_steps=100, every_secs=30, clock=clock)
   assert progress(41) is None  # the first step (compilation) starts the clock
   assert progress(42) is None  # 10 s later: not due yet
   line = progress(50)  # 40 s after step 41: 9 steps
@@ -352,8 +353,9 @@ def test_a_sigterm_during_the_restore_stops_the_run_at_its_first_step(
   monkeypatch.setattr(checkpointing, "resume", preempted_while_restoring)
   previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
   try:
-    with pytest.raises(Preempted, match="checkpoint of step 3;"):
-      train.pretrain(without_monitor(folder_config(image_folder)), str(workdir))
+    with pytest.raises(Stopped, match="checkpoint of step 3;"):
+      train.pretrain(without_monitor(folder_config(image_folder)), str(workdir),
+                     RunSafety().listen())
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2", "3"]

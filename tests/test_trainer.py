@@ -115,14 +115,15 @@ def test_sigterm_saves_at_the_step_reached_and_exits_75(tmp_path, image_folder):
   wait_for_checkpoint(tmp_path, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
-  # Not 0: the run is unfinished; 75 tells a scheduler to rerun it (preemption.EXIT_STATUS).
+  # Not 0: the run is unfinished; 75 tells a scheduler to rerun it (run_safety.EXIT_RERUN).
   assert process.returncode == 75, stderr[-3000:]
-  assert "Preempted: saved the checkpoint of step" in stderr and "(exit status 75)" in stderr
+  assert "Stopped by SIGTERM: saved the checkpoint of step" in stderr
+  assert "(exit status 75)" in stderr
   assert "Traceback" not in stderr
-  step = int(stderr.split("Preempted: saved the checkpoint of step ")[1].split(";")[0])
+  step = int(stderr.split("Stopped by SIGTERM: saved the checkpoint of step ")[1].split(";")[0])
   assert 2 <= step < 12
   assert int(final_state(tmp_path).step) == step
-  assert (tmp_path / "PREEMPTED").read_text().startswith(f"Preempted: saved the checkpoint "
+  assert (tmp_path / "PREEMPTED").read_text().startswith(f"Stopped by SIGTERM: saved the checkpoint "
                                                          f"of step {step};")
 
   # Resuming under settings that change the computation is refused, and nothing is lost.

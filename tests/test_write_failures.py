@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from care_jax import errors
+from care_jax import run_safety
 from tests.conftest import ROOT, tiny_run_args
 
 
@@ -48,7 +48,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_with_space_resumes(tmp_path,
                         text=True, timeout=900, env=dict(os.environ))
   assert done.returncode == 0, done.stderr[-3000:]
   full = (out / "full.err").read_text()
-  assert int((out / "full.rc").read_text()) == errors.WRITE_FAILED_EXIT_STATUS == 74, full[-3000:]
+  assert int((out / "full.rc").read_text()) == run_safety.EXIT_WRITE_FAILED == 74, full[-3000:]
   assert "Traceback" not in full, full[-3000:]
   last = full.strip().splitlines()[-1]
   assert last.startswith(f"error: cannot write to {mount_point / 'run'}: writing "), last
@@ -62,31 +62,3 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_with_space_resumes(tmp_path,
   assert f"Resumed from step {intact[-1]} of 12" in rerun  # what the full disk left intact
   left = (out / "after_rerun.ls").read_text().split()
   assert "12" in left and not any("tmp" in name for name in left)  # half-written: cleaned
-
-
-def test_a_write_that_names_no_file_is_named_from_where_it_was_writing():
-  """A file object's write() raises ENOSPC without a filename (etils' Path.write_text,
-  which orbax uses for its metadata, does): the message still names the file; /dev/full is
-  a real device that is always full."""
-  if not os.path.exists("/dev/full"):
-    pytest.skip("no /dev/full on this machine")
-  from etils import epath
-  try:
-    try:
-      epath.Path("/dev/full").write_text("metadata")
-    except OSError as e:
-      assert e.filename is None
-      raise RuntimeError("committing the checkpoint failed") from e
-  except RuntimeError as e:
-    assert errors.write_failure(e) == "writing /dev/full failed (no space left on the device)"
-
-
-def test_a_checkpoint_being_saved_is_named_by_its_step_and_other_errors_are_not_write_failures():
-  tensorstore = ValueError('Error writing "/runs/a/checkpoints/4.orbax-checkpoint-tmp-99/state/'
-                           'd/0.0": No space left on device [tensorstore_spec=...]')
-  assert errors.write_failure(tensorstore) == (
-      "writing /runs/a/checkpoints/4 failed (no space left on the device)")
-  assert errors.write_failure(OSError(30, "Read-only file system", "/runs/a/log.txt")) == (
-      "writing /runs/a/log.txt failed (read-only file system)")
-  assert errors.write_failure(ValueError("shapes (3,) and (4,) differ")) is None
-  assert errors.write_failure(FileNotFoundError(2, "No such file", "/runs/a")) is None

@@ -7,7 +7,7 @@ train_split fixed by finetune.label_seed. The protocol is BYOL's, as the CARE pa
 none (hyper-parameters and sources in the README): SGD with Nesterov momentum, no weight
 decay, random resized crops + flips, BatchNorm in training mode on the global batch, a
 cosine learning rate; evaluation on centre views of eval_split. Epochs, evaluations,
-checkpoints, preemption and results.json are the shared loop's (`loop`), as in linear
+checkpoints, stops and results.json are the shared loop's (`supervised`), as in linear
 evaluation.
 """
 import functools
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import errors, parallel
+from care_jax import errors, parallel, run_safety
 from care_jax.data import augment, input_pipeline, sources
-from care_jax.evaluation import classifier, encoders, features, loop
+from care_jax.evaluation import classifier, encoders, features, supervised
 
 ENCODERS = ("pretrained", "random_init")
 LABELS = {"1pct": 0.01, "10pct": 0.1, "all": 1.0}
@@ -72,10 +72,11 @@ def programs(model: classifier.Classifier, tx, mesh):
   return train_step, logits_fn, counts_fn
 
 
-def finetune(config, workdir: str) -> dict:
+def finetune(config, workdir: str, safety: run_safety.RunSafety | None = None) -> dict:
   """Fine-tunes finetune.encoder; writes and returns results.json's content."""
+  safety = safety or run_safety.RunSafety()
   ft = config.finetune
-  mesh = loop.check_before_work(config, "finetune", ENCODERS, workdir)
+  mesh = supervised.check_before_work(config, "finetune", ENCODERS, workdir)
   if config.precision not in ("float32", "bfloat16"):
     raise errors.UserError(f"Fine-tuning runs in float32 or bfloat16, not "
                            f"{config.precision!r}; set --config.precision.")
@@ -87,55 +88,57 @@ def finetune(config, workdir: str) -> dict:
   num_train = info.num_train_examples if train_indices is None else len(train_indices)
   input_pipeline.check_batch_fits(num_train, ft.global_batch_size,
                                   "finetune.global_batch_size")
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
-  total_steps = ft.num_epochs * steps_per_epoch
-
   source = encoders.source(ft)
-  evaluation = loop.Evaluation(workdir, config, "finetune", source)  # may refuse a rerun
-  batches = None
+  run = supervised.SupervisedRun(workdir, config, "finetune", source, safety)
   try:
-    trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size, mesh)
-    model = classifier.classifier_model(trunk, info.num_classes, config.precision)
-    head = classifier.head(info.num_classes).init(jax.random.key(config.seed),
-                                        jnp.zeros((1, trunk.out_channels)))["params"]
-    lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256, total_steps)
-    tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
-                     optax.sgd(lr, momentum=ft.momentum, nesterov=True))
-    initial = jax.device_put(classifier.initial_state(
-        {"trunk": trunk_params, "head": head}, {"trunk": trunk_stats}, tx),
-        parallel.replicated(mesh))
-    train_step, logits_fn, counts_fn = programs(model, tx, mesh)
-
-    def evaluate(state, check):
-      counts, in_flight = 0, parallel.InFlight()
-      for batch in features.apply_to_split(functools.partial(logits_fn, state), data,
-                                           data.eval_split, mesh):
-        counts = in_flight(counts + counts_fn(*batch))
-        check()
-      return classifier.accuracy(counts)
-
-    state, history = evaluation.restore(initial)
-    logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d "
-                 "steps.", encoders.describe(source), data.image_size, num_train, ft.labels,
-                 ft.num_epochs, steps_per_epoch)
-    batches = input_pipeline.labelled_batches(
-        train_data, global_batch_size=ft.global_batch_size, seed=config.seed,
-        start_step=int(state["step"]), process_index=jax.process_index(),
-        process_count=jax.process_count(), indices=train_indices)
-
-    def step_fn(state, batch):
-      return train_step(state, *parallel.host_to_global(mesh, (batch["image"],
-                                                               batch["label"])))
-
-    history = evaluation.train(
-        state, history, steps_per_epoch=steps_per_epoch, num_epochs=ft.num_epochs,
-        eval_every_epochs=ft.eval_every_epochs,
-        train_epoch=loop.per_step_epochs(step_fn, batches, steps_per_epoch),
-        evaluate=evaluate, learning_rate=lr)
+    history = _train(config, data, (train_data, train_indices, num_train), info, source,
+                     mesh, run, safety)
   finally:
-    if batches is not None:
-      batches.close()
-    evaluation.close()
-  return evaluation.write_results(
+    run.close()
+  return run.write_results(
       history, encoder=encoders.describe(source), labels=ft.labels,
       labelled_examples=num_train, epochs=ft.num_epochs, image_size=data.image_size)
+
+
+def _train(config, data, labelled, info, source, mesh, run, safety) -> list:
+  """The trunk and a new head trained end to end on the labelled examples through the
+  shared loop."""
+  ft = config.finetune
+  train_data, train_indices, num_train = labelled
+  steps_per_epoch = input_pipeline.steps_per_epoch(num_train, ft.global_batch_size)
+  trunk, trunk_params, trunk_stats = _initial_trunk(config, source, data.image_size, mesh)
+  model = classifier.classifier_model(trunk, info.num_classes, config.precision)
+  head = classifier.head(info.num_classes).init(jax.random.key(config.seed),
+                                                jnp.zeros((1, trunk.out_channels)))["params"]
+  lr = optax.cosine_decay_schedule(ft.base_lr * ft.global_batch_size / 256,
+                                   ft.num_epochs * steps_per_epoch)
+  tx = optax.chain(optax.add_decayed_weights(ft.weight_decay),
+                   optax.sgd(lr, momentum=ft.momentum, nesterov=True))
+  initial = jax.device_put(classifier.initial_state(
+      {"trunk": trunk_params, "head": head}, {"trunk": trunk_stats}, tx),
+      parallel.replicated(mesh))
+  train_step, logits_fn, counts_fn = programs(model, tx, mesh)
+  top_k = supervised.TopK(
+      lambda: features.apply_to_split(lambda images: images, data, data.eval_split, mesh),
+      lambda state, batch: counts_fn(logits_fn(state, batch[0]), *batch[1:]), safety)
+  state, start, history = run.restore(initial)
+  logging.info("Fine-tuning %s at %d px on %d labelled examples (%s): %d epochs of %d "
+               "steps.", encoders.describe(source), data.image_size, num_train, ft.labels,
+               ft.num_epochs, steps_per_epoch)
+  batches = input_pipeline.labelled_batches(
+      train_data, global_batch_size=ft.global_batch_size, seed=config.seed,
+      start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count(), indices=train_indices)
+
+  def step_fn(state, batch):
+    state, loss = train_step(state, *parallel.host_to_global(mesh, (batch["image"],
+                                                                    batch["label"])))
+    return state, {"loss": loss}
+
+  try:
+    return run.train(state, history, start=start, step_fn=step_fn, batches=batches,
+                     steps_per_epoch=steps_per_epoch, num_epochs=ft.num_epochs,
+                     eval_every_epochs=ft.eval_every_epochs, evaluators=[top_k],
+                     learning_rate=lr, batch_size=ft.global_batch_size)
+  finally:
+    batches.close()

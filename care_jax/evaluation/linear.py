@@ -7,11 +7,12 @@ pixels themselves ("raw_pixels"). With linear_eval.augment the head trains on ra
 resized crops + flips through the frozen trunk, as the release does; without it, features
 of the centre views are computed once and the head trains on them (fast: the demo's way).
 
-Epochs, evaluations, checkpoints, preemption and results.json are the shared loop's
-(`loop`); the resolution is the pretraining run's unless linear_eval.image_size says
-otherwise.
+Epochs, evaluations, checkpoints, stops and results.json are the shared loop's
+(`supervised`, `training.loop`); the resolution is the pretraining run's unless
+linear_eval.image_size says otherwise.
 """
 import functools
+import itertools
 import logging
 
 import flax.linen as nn
@@ -22,9 +23,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from care_jax import parallel, preemption
+from care_jax import parallel, run_safety
 from care_jax.data import augment, input_pipeline
-from care_jax.evaluation import classifier, encoders, features, loop
+from care_jax.evaluation import classifier, encoders, features, supervised
 
 ENCODERS = ("pretrained", "random_init", "raw_pixels")
 
@@ -84,97 +85,132 @@ def head_programs(head: LinearHead, tx, mesh):
   return train_step, scan_epoch, head_counts
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(config, workdir: str, safety: run_safety.RunSafety | None = None) -> dict:
   """Linear evaluation of linear_eval.encoder; writes and returns results.json's content."""
+  safety = safety or run_safety.RunSafety()
   lin = config.linear_eval
   # Everything that can be checked is checked before any work.
-  mesh = loop.check_before_work(config, "linear_eval", ENCODERS, workdir)
+  mesh = supervised.check_before_work(config, "linear_eval", ENCODERS, workdir)
   data = config.data.copy_and_resolve_references()
   data.image_size = encoders.image_size(config, "linear_eval", encoders.pretrained_config(lin))
   info = input_pipeline.dataset_info(data)
   input_pipeline.check_batch_fits(info.num_train_examples, lin.global_batch_size,
                                   "linear_eval.global_batch_size")
   source = encoders.source(lin)
-  evaluation = loop.Evaluation(workdir, config, "linear_eval", source)  # may refuse a rerun
-  batches = None
+  run = supervised.SupervisedRun(workdir, config, "linear_eval", source, safety)
   try:
     features_fn, description = encoder_features(config, source, data.image_size, mesh)
     logging.info("Linear evaluation of %s at %d px: %d epochs.", description,
                  data.image_size, lin.num_epochs)
-    if lin.augment:
-      num_train = info.num_train_examples
-    else:  # Features of the examples that survived decoding, once.
-      train_feats, train_labels, valid = _cached_train_split(features_fn, data, mesh)
-      num_train = len(valid)
-      input_pipeline.check_batch_fits(num_train, lin.global_batch_size,
-                                      "linear_eval.global_batch_size")
-    steps_per_epoch = input_pipeline.steps_per_epoch(num_train, lin.global_batch_size)
-    total_steps = lin.num_epochs * steps_per_epoch
-
-    head = LinearHead(info.num_classes)
-    feature_dim = jax.eval_shape(features_fn, jax.ShapeDtypeStruct(
-        (mesh.devices.size, data.image_size, data.image_size, 3), jnp.uint8)).shape[-1]
-    lr = optax.cosine_decay_schedule(lin.base_lr * lin.global_batch_size / 256, total_steps)
-    tx = optax.chain(optax.add_decayed_weights(lin.weight_decay),
-                     optax.sgd(lr, momentum=lin.momentum))
-    variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)),
-                          train=False)
-    initial = jax.device_put(classifier.initial_state(
-        variables["params"], variables["batch_stats"], tx), parallel.replicated(mesh))
-    train_step, scan_epoch, head_counts = head_programs(head, tx, mesh)
-
-    eval_features = []  # the frozen encoder's features of the eval split, computed once
-
-    def evaluate_head(state, check):
-      if not eval_features:
-        for batch in features.apply_to_split(features_fn, data, data.eval_split, mesh):
-          eval_features.append(batch)
-          check()
-      counts, in_flight = 0, parallel.InFlight()
-      for batch in eval_features:
-        counts = in_flight(counts + head_counts(state, *batch))
-      return classifier.accuracy(counts)
-
-    state, history = evaluation.restore(initial)
-    if lin.augment:
-      batches = input_pipeline.labelled_batches(
-          data, global_batch_size=lin.global_batch_size, seed=config.seed,
-          start_step=int(state["step"]), process_index=jax.process_index(),
-          process_count=jax.process_count())
-
-      def step_fn(state, batch):
-        images, labels = parallel.host_to_global(mesh, (batch["image"], batch["label"]))
-        return train_step(state, features_fn(images), labels)
-
-      train_epoch = loop.per_step_epochs(step_fn, batches, steps_per_epoch)
-    else:
-      def train_epoch(state, epoch, check):
-        del check  # one dispatch: nothing to stop in
-        order = valid[np.random.default_rng([config.seed, epoch]).permutation(num_train)]
-        order = order[:steps_per_epoch * lin.global_batch_size]
-        return scan_epoch(state, train_feats, train_labels,
-                          order.reshape(steps_per_epoch, lin.global_batch_size))
-
-    history = evaluation.train(
-        state, history, steps_per_epoch=steps_per_epoch, num_epochs=lin.num_epochs,
-        eval_every_epochs=lin.eval_every_epochs, train_epoch=train_epoch,
-        evaluate=evaluate_head, learning_rate=lr)
+    training = (_AugmentedTraining(config, data, info, features_fn, mesh) if lin.augment
+                else _CachedTraining(config, data, features_fn, mesh, safety))
+    history = _train_head(config, data, info, features_fn, mesh, run, training, safety)
   finally:
-    if batches is not None:
-      batches.close()
-    evaluation.close()
-  return evaluation.write_results(history, encoder=description, epochs=lin.num_epochs,
-                                  image_size=data.image_size)
+    run.close()
+  return run.write_results(history, encoder=description, epochs=lin.num_epochs,
+                           image_size=data.image_size)
 
 
-def _cached_train_split(features_fn, data, mesh):
-  """cache_features of the centre views of the train split. SIGTERM stops it between
-  batches (nothing to save: a rerun embeds again)."""
-  parts = []
-  for part in features.apply_to_split(features_fn, data, data.train_split, mesh):
-    parts.append(part)
-    preemption.check()
-  return cache_features(parts, mesh)
+def _train_head(config, data, info, features_fn, mesh, run, training, safety) -> list:
+  """A new head trained on `training`'s batches through the shared loop."""
+  lin = config.linear_eval
+  steps_per_epoch = input_pipeline.steps_per_epoch(training.num_train, lin.global_batch_size)
+  lr = optax.cosine_decay_schedule(lin.base_lr * lin.global_batch_size / 256,
+                                   lin.num_epochs * steps_per_epoch)
+  tx = optax.chain(optax.add_decayed_weights(lin.weight_decay),
+                   optax.sgd(lr, momentum=lin.momentum))
+  head = LinearHead(info.num_classes)
+  feature_dim = jax.eval_shape(features_fn, jax.ShapeDtypeStruct(
+      (mesh.devices.size, data.image_size, data.image_size, 3), jnp.uint8)).shape[-1]
+  variables = head.init(jax.random.key(config.seed), jnp.zeros((2, feature_dim)), train=False)
+  initial = jax.device_put(classifier.initial_state(
+      variables["params"], variables["batch_stats"], tx), parallel.replicated(mesh))
+  train_step, scan_epoch, head_counts = head_programs(head, tx, mesh)
+  state, start, history = run.restore(initial)
+  eval_features = []  # the frozen encoder's features of the eval split, computed once
+
+  def eval_batches():
+    if not eval_features:
+      for batch in features.apply_to_split(features_fn, data, data.eval_split, mesh):
+        eval_features.append(batch)
+        safety.check()
+    return eval_features
+
+  top_k = supervised.TopK(eval_batches, lambda state, batch: head_counts(state, *batch),
+                          safety)
+  step_fn, batches, stride = training.steps(train_step, scan_epoch, start, steps_per_epoch)
+  try:
+    return run.train(state, history, start=start, step_fn=step_fn, batches=batches,
+                     steps_per_epoch=steps_per_epoch, num_epochs=lin.num_epochs,
+                     eval_every_epochs=lin.eval_every_epochs, evaluators=[top_k],
+                     learning_rate=lr, batch_size=lin.global_batch_size, stride=stride)
+  finally:
+    training.close()
+
+
+class _AugmentedTraining:
+  """The head trains on random resized crops + flips through the frozen trunk, one step a
+  batch (the release's way)."""
+
+  def __init__(self, config, data, info, features_fn, mesh):
+    self._config, self._data, self._features_fn, self._mesh = config, data, features_fn, mesh
+    self.num_train = info.num_train_examples
+    self._batches = None
+
+  def steps(self, train_step, scan_epoch, start: int, steps_per_epoch: int):
+    del scan_epoch, steps_per_epoch
+    lin = self._config.linear_eval
+    self._batches = input_pipeline.labelled_batches(
+        self._data, global_batch_size=lin.global_batch_size, seed=self._config.seed,
+        start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+    def step_fn(state, batch):
+      images, labels = parallel.host_to_global(self._mesh, (batch["image"], batch["label"]))
+      state, loss = train_step(state, self._features_fn(images), labels)
+      return state, {"loss": loss}
+
+    return step_fn, self._batches, 1
+
+  def close(self) -> None:
+    if self._batches is not None:
+      self._batches.close()
+
+
+class _CachedTraining:
+  """Features of the centre views of the train split, computed once (of the examples that
+  survived decoding); an epoch over them is one dispatch (the demo's way). A stop while
+  they are computed saves nothing: a rerun computes them again."""
+
+  def __init__(self, config, data, features_fn, mesh, safety):
+    parts = []
+    for part in features.apply_to_split(features_fn, data, data.train_split, mesh):
+      parts.append(part)
+      safety.check()
+    self._feats, self._labels, self._valid = cache_features(parts, mesh)
+    self.num_train = len(self._valid)
+    self._config = config
+    input_pipeline.check_batch_fits(self.num_train, config.linear_eval.global_batch_size,
+                                    "linear_eval.global_batch_size")
+
+  def steps(self, train_step, scan_epoch, start: int, steps_per_epoch: int):
+    del train_step
+    batch = self._config.linear_eval.global_batch_size
+
+    def orders():  # epoch e's order of the cached examples
+      for epoch in itertools.count(start // steps_per_epoch + 1):
+        rng = np.random.default_rng([self._config.seed, epoch])
+        order = self._valid[rng.permutation(self.num_train)][:steps_per_epoch * batch]
+        yield order.reshape(steps_per_epoch, batch)
+
+    def step_fn(state, order):
+      state, loss = scan_epoch(state, self._feats, self._labels, order)
+      return state, {"loss": loss}
+
+    return step_fn, orders(), steps_per_epoch
+
+  def close(self) -> None:
+    pass
 
 
 def cache_features(parts, mesh):

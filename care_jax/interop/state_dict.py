@@ -24,13 +24,15 @@ from typing import Callable, Dict, Iterable, Mapping, Tuple
 import numpy as np
 from flax import traverse_util
 
+from care_jax.errors import UserError
+
 Naming = Callable[[Tuple[str, ...]], str]
 
 BATCHES_TRACKED = "num_batches_tracked"
 _LIST_AT_MOST = 10  # keys named per problem in an error message
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """Weights that cannot be converted; the one-line message says which and why."""
 
 

@@ -22,6 +22,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from care_jax import checkpointing, run_safety
+
 EXIT_STATUS = 65  # EX_DATAERR in sysexits.h: the run's numbers went bad; change a setting
 MARKER = "DIVERGED"
 MIN_LOSS_SCALE = 1.0
@@ -69,7 +71,7 @@ class Guard:
         raise Diverged(recorded["message"] + " (This rerun has the same settings.)")
       self.resumed_with_cure = True
 
-  def check_metrics(self, step: int, scalars: dict, newest_checkpoint) -> None:
+  def check_metrics(self, step: int, scalars: dict) -> None:
     """After a log line's metrics are fetched."""
     if self._float16:
       bad = "loss_scale" in scalars and float(scalars["loss_scale"]) < MIN_LOSS_SCALE
@@ -79,15 +81,18 @@ class Guard:
       bad = not all(_finite(scalars[k]) for k in ("loss", "grad_norm") if k in scalars)
       why = "the loss or the gradient norm is not finite"
     if bad:
-      self._stop(step, why, scalars, newest_checkpoint)
+      self._stop(step, why, scalars)
 
-  def check_state(self, step: int, state, metrics, newest_checkpoint) -> None:
+  def check_state(self, step: int, state, metrics) -> None:
     """Before `state` (after `step`) is saved; `metrics` are that step's."""
     if not bool(_all_finite(state)):
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      self._stop(step, "the state holds non-finite values", scalars, newest_checkpoint)
+      self._stop(step, "the state holds non-finite values", scalars)
 
-  def _stop(self, step, why, scalars, newest_checkpoint):
+  def _stop(self, step, why, scalars):
+    # Read from the directory: the manager also lists a save still in flight, which may
+    # never complete.
+    newest_checkpoint = checkpointing.newest_intact_step(self._workdir)
     lr = self._config.optimizer.base_lr
     if newest_checkpoint is None:
       keep = ("No checkpoint was saved before it. Rerun with a lower learning rate "
@@ -100,11 +105,9 @@ class Guard:
     message = (f"Training diverged at step {step}: {why}; {_figures(scalars)}. {keep}; or "
                "pass a new --workdir to start over.")
     if jax.process_index() == 0:
-      path = self._workdir / MARKER
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text(json.dumps({"step": step, "message": message,
-                                 "settings": _cure_settings(self._config)}, indent=2))
-      tmp.replace(path)
+      run_safety.write_atomic(self._workdir / MARKER, json.dumps(
+          {"step": step, "message": message, "settings": _cure_settings(self._config)},
+          indent=2))
     raise Diverged(message)
 
   def clear(self) -> None:

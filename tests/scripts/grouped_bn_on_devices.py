@@ -10,21 +10,19 @@ simulated CPU devices), printed as JSON relative differences:
 - the error for groups that straddle devices' batches.
 """
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, ".")
-from care_jax import parallel  # noqa: E402
-from care_jax.errors import UserError  # noqa: E402
-from care_jax.models import create_networks  # noqa: E402
-from care_jax.models.layers import GroupedBatchNorm  # noqa: E402
-from care_jax.training.pretraining import FAST_COMPILE  # noqa: E402
-from care_jax.training.train_step import apply_to_views  # noqa: E402
-from tests.conftest import load_config  # noqa: E402
+from care_jax import parallel
+from care_jax.errors import UserError
+from care_jax.models import create_networks
+from care_jax.models.layers import GroupedBatchNorm
+from care_jax.training.pretraining import FAST_COMPILE
+from care_jax.training.train_step import apply_to_views
+from tests.conftest import load_config
 
 GROUP_SIZE = 4
 

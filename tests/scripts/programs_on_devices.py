@@ -5,16 +5,14 @@ with linear evaluation's feature cache and the kNN bank built on all devices fro
 batches: their bytes per device, a batch looked up from the cache against numpy, and the
 kNN count against the bank against the count on one device with the whole bank."""
 import json
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, ".")
-from care_jax import parallel, scaling  # noqa: E402
-from care_jax.evaluation import features, knn, linear  # noqa: E402
-from care_jax.training.pretraining import FAST_COMPILE  # noqa: E402
-from tests.conftest import load_config  # noqa: E402
+from care_jax import parallel, scaling
+from care_jax.evaluation import features, knn, linear
+from care_jax.training.pretraining import FAST_COMPILE
+from tests.conftest import load_config
 
 
 def feature_cache(mesh):

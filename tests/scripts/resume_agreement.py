@@ -24,7 +24,7 @@ def main():
                              process_id=args.process_id)
   from jax.experimental import multihost_utils
 
-  from care_jax import checkpointing
+  from care_jax import checkpointing, errors
   from care_jax.training import pretraining
   from tests.conftest import load_config
 
@@ -40,8 +40,9 @@ def main():
   try:
     state = checkpointing.resume(mgr, setup.abstract_state())
     print(json.dumps({"restored": int(state.step), "sees": mgr.all_steps()}))
-  except checkpointing.CheckpointError as e:
-    print(json.dumps({"error": str(e), "sees": mgr.all_steps()}))
+  except (checkpointing.CheckpointError, errors.TransientError) as e:
+    print(json.dumps({"error": str(e), "transient": isinstance(e, errors.TransientError),
+                      "sees": mgr.all_steps()}))
   mgr.close()
 
 

@@ -10,16 +10,14 @@ that the sharded step computes what one device computes.
 """
 import functools
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, ".")
-from care_jax import parallel  # noqa: E402
-from care_jax.training import pretraining, state as state_lib  # noqa: E402
-from tests.conftest import load_config, relative_differences  # noqa: E402
+from care_jax import parallel
+from care_jax.training import pretraining, state as state_lib
+from tests.conftest import load_config, relative_differences
 
 
 def run(devices, config, views):
