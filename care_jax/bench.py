@@ -244,12 +244,10 @@ def bench_input(args) -> dict:
   return result
 
 
-def _preset_config(preset: str):
+def _config(args):
+  """The config of --config with its --config.FIELD=VALUE overrides."""
   from care_jax import cli
-  try:
-    return cli.load_config(preset=preset)
-  except ValueError as e:  # configs/care.py: unknown preset, with the list of presets
-    raise UserError(str(e)) from None
+  return cli.config_from_spec(args.config, args.overrides)
 
 
 def peak_tflops(device_kind: str, given: float = 0.0):
@@ -302,9 +300,10 @@ def bench_step(args) -> dict:
   for i, variant in enumerate(variants):
     results[variant] = _measure_step(args, variant, mesh, peak, first=i == 0)
     print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
-  result = {"benchmark": "step", "preset": args.preset, "precision": args.precision,
-            "devices": devices, "device": device_kind,
-            "batch_per_device": args.batch_per_device, "image_size": args.image_size or None,
+  config = _config(args)
+  result = {"benchmark": "step", "config": args.config, "overrides": args.overrides,
+            "precision": config.precision, "devices": devices, "device": device_kind,
+            "batch_per_device": args.batch_per_device, "image_size": config.data.image_size,
             "assumed_peak_tflops": peak, "peak_tflops_basis": peak_basis, **results}
   if len(results) == 2:
     result["t_stream_share_of_step"] = round(
@@ -316,7 +315,7 @@ def bench_step(args) -> dict:
 def _check_step_args(args) -> list:
   """The variants to time; the arguments' mistakes before any compilation."""
   for name, least in (("batch_per_device", 1), ("steps", 1), ("warmup", 0),
-                      ("image_size", 0), ("profile_steps", 0)):
+                      ("profile_steps", 0)):
     if getattr(args, name) < least:
       raise UserError(f"--{name} must be at least {least}, got {getattr(args, name)}.")
   if args.peak_tflops < 0:
@@ -326,16 +325,13 @@ def _check_step_args(args) -> list:
   if unknown or not variants:
     raise UserError(f"--variants takes care and/or without_t_stream, comma-separated; got "
                     f"{args.variants!r}.")
-  _preset_config(args.preset)  # An unknown preset stops here, before any compilation.
+  _config(args)  # An unknown preset or field stops here, before any compilation.
   return variants
 
 
 def _step_config(args, variant: str, devices: int):
-  config = _preset_config(args.preset)
-  config.precision = args.precision
+  config = _config(args)
   config.global_batch_size = args.batch_per_device * devices
-  if args.image_size:
-    config.data.image_size = args.image_size
   if variant == "without_t_stream":
     config.model.t_stream.num_blocks = 0
   return config
@@ -439,7 +435,7 @@ def bench_scaling(args) -> dict:
   ratios = {name: {n: round(reports[n][name]["temp_bytes"] / max(first[name]["temp_bytes"], 1),
                             3) for n in counts} for name in first}
   import jaxlib
-  return {"benchmark": "scaling", "preset": args.preset, "precision": args.precision,
+  return {"benchmark": "scaling", "config": args.config, "overrides": args.overrides,
           "batch_per_device": args.batch_per_device,
           "device": ("simulated CPU devices" if simulated else jax.devices()[0].device_kind),
           "per_device_temp_relative_to_fewest": ratios,
@@ -459,7 +455,7 @@ def _scaling_arguments(args):
                     f"{args.devices!r}.")
   if args.batch_per_device < 1:
     raise UserError(f"--batch_per_device must be at least 1, got {args.batch_per_device}.")
-  _preset_config(args.preset)
+  _config(args)
   names = "" if args.programs == "all" else args.programs
   unknown = sorted(set(n for n in names.split(",") if n) - set(PROGRAMS))
   if unknown:
@@ -473,22 +469,29 @@ def _scaling_report(args, devices: int, names: str, simulated: bool) -> dict:
   simulated CPU devices, or on this machine's first `devices` devices."""
   if not simulated:
     from care_jax import scaling
-    return scaling.report_for_devices(args.preset, args.precision, args.batch_per_device,
-                                      devices, [x for x in names.split(",") if x] or None,
-                                      args.image_size, args.fast_compile)
+    return scaling.report_for_devices(_config(args), args.batch_per_device, devices,
+                                      [x for x in names.split(",") if x] or None,
+                                      args.fast_compile)
   import subprocess
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                        f"--xla_force_host_platform_device_count={devices}".strip())
   out = subprocess.run(
-      [sys.executable, "-m", "care_jax.scaling", f"--preset={args.preset}",
-       f"--precision={args.precision}", f"--batch_per_device={args.batch_per_device}",
-       f"--devices={devices}", f"--image_size={args.image_size}", f"--programs={names}"]
+      [sys.executable, "-m", "care_jax.scaling", f"--config={args.config}",
+       *(f"--config.{o}" for o in args.overrides), f"--batch_per_device={args.batch_per_device}",
+       f"--devices={devices}", f"--programs={names}"]
       + (["--fast_compile"] if args.fast_compile else []),
       env=env, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"compiling for {devices} devices failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _config_argument(p) -> None:
+  p.add_argument("--config", default="configs/care.py:r50_100ep",
+                 help="FILE:PRESET (presets: configs/care.py); change a field with "
+                      "--config.FIELD=VALUE, e.g. --config.precision=bfloat16 "
+                      "(docs/config.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -510,13 +513,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="images to time the release's transforms on (one core); 0: skip")
   p.set_defaults(run=bench_input)
 
-  p = commands.add_parser("step",
-                         help="the jitted train step, with and without the T-stream blocks")
-  p.add_argument("--preset", default="r50_100ep", help="a preset of configs/care.py")
-  p.add_argument("--precision", default="float32",
-                 choices=("float32", "bfloat16", "float16"))
+  from care_jax import cli
+  presets = dict(epilog=cli.presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = commands.add_parser("step", **presets,
+                          help="the jitted train step, with and without the T-stream blocks")
+  _config_argument(p)
   p.add_argument("--batch_per_device", type=int, default=128)
-  p.add_argument("--image_size", type=int, default=0, help="0: the preset's")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
   p.add_argument("--variants", default="care,without_t_stream",
@@ -534,13 +536,11 @@ def _parser() -> argparse.ArgumentParser:
                       "slower step, for smoke tests of this command only")
   p.set_defaults(run=bench_step)
 
-  p = commands.add_parser("scaling", help="per-device memory and collectives against the "
-                                          "device count (compiled, not run)")
-  p.add_argument("--preset", default="r50_100ep", help="a preset of configs/care.py")
-  p.add_argument("--precision", default="float32",
-                 choices=("float32", "bfloat16", "float16"))
+  p = commands.add_parser("scaling", **presets,
+                          help="per-device memory and collectives against the device count "
+                               "(compiled, not run)")
+  _config_argument(p)
   p.add_argument("--batch_per_device", type=int, default=4)
-  p.add_argument("--image_size", type=int, default=0, help="0: the preset's")
   p.add_argument("--devices", default="1,2,4,8", help="device counts, comma-separated")
   p.add_argument("--programs", default="pretrain_step",
                  help="comma-separated names of care_jax.scaling.programs, or all")
@@ -551,15 +551,28 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Flags of step and scaling in earlier care_jax versions, and what replaced them.
+RENAMED_FLAGS = {"--preset": "--config=configs/care.py:PRESET",
+                 "--precision": "--config.precision=PRECISION",
+                 "--image_size": "--config.data.image_size=N"}
+
+
 def main(argv=None) -> None:
+  from care_jax import cli
+  argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ("step", "scaling"):
+    cli.refuse_old_flags([""] + argv, RENAMED_FLAGS)
+  elif overrides:
+    cli.fail(f"--config.{overrides[0]}: only `step` and `scaling` take a config.")
   args = _parser().parse_args(argv)
+  args.overrides = overrides
   result = {}
   run_safety.run(lambda: result.update(args.run(args)))
   print(json.dumps(result))
   sys.stdout.flush()
-  if result.get("error"):
+  if result.get("error"):  # nothing could be timed: a file to fix, as UserError
     print(f"error: {result['error']}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(run_safety.EXIT_USER)
 
 
 if __name__ == "__main__":

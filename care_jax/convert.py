@@ -1,6 +1,6 @@
 """Weights in and out of care_jax.
 
-    python -m care_jax.convert from-release CKPT --workdir DIR [--config-preset r50_100ep]
+    python -m care_jax.convert from-release CKPT --workdir DIR [--config=configs/care.py:r50_100ep]
     python -m care_jax.convert export DIR --format torchvision|detectron2 --out FILE
 
 `from-release` turns the authors' PyTorch checkpoint (`*_ckpt.pth.tar`) into a care_jax
@@ -36,14 +36,16 @@ from care_jax.training import pretraining
 PROVENANCE = "converted_from.json"
 
 
-def preset_config(preset: str):
+def preset_config(spec: str):
+  """The config of `FILE[:PRESET]` (--config, as for care_jax.main)."""
+  path, _, preset = spec.partition(":")
   try:
-    return cli.load_config(preset=preset)
-  except ValueError as e:
-    raise ConversionError(str(e)) from None
+    return cli.load_config(path, preset)
+  except (ValueError, OSError) as e:
+    raise ConversionError(f"--config={spec}: {e}") from None
 
 
-def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
+def from_release(checkpoint, workdir, config_spec: str = "configs/care.py:r50_100ep") -> None:
   """Writes the care_jax workdir `workdir` holding the release checkpoint's networks."""
   if not pathlib.Path(checkpoint).is_file():  # said before anything asks for torch
     raise ConversionError(f"{checkpoint}: no such file; pass the path of the release's "
@@ -51,7 +53,7 @@ def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
   if checkpointing.checkpoint_dir(workdir).exists():
     raise ConversionError(f"{workdir} already holds checkpoints; convert into a new "
                           "--workdir.")
-  config = preset_config(preset)
+  config = preset_config(config_spec)
   tensors, start_epoch = release.read_checkpoint(checkpoint)
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
   online_params, online_stats, target_params, target_stats = jax.device_put(
@@ -66,10 +68,10 @@ def from_release(checkpoint, workdir, preset: str = "r50_100ep") -> None:
     checkpointing.save(mgr, 0, state)
     mgr.wait_until_finished()
   provenance = {"source": str(pathlib.Path(checkpoint).resolve()), "format": "CARE release",
-                "start_epoch": start_epoch, "config_preset": preset, "step": 0}
+                "start_epoch": start_epoch, "config": config_spec, "step": 0}
   run_safety.write_atomic(pathlib.Path(workdir) / PROVENANCE, json.dumps(provenance, indent=2))
   print(f"Wrote {workdir}: online and target networks of {checkpoint} "
-        f"(release epoch {start_epoch}) as step 0 of config {preset}.")
+        f"(release epoch {start_epoch}) as step 0 of config {config_spec}.")
 
 
 def export(workdir, fmt: str, out) -> None:
@@ -118,17 +120,21 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m care_jax.convert",
                                    description=__doc__.split("\n\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  to_jax = commands.add_parser("from-release", help="release *_ckpt.pth.tar -> workdir")
+  to_jax = commands.add_parser("from-release", help="release *_ckpt.pth.tar -> workdir",
+                               epilog=cli.presets_help(),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   to_jax.add_argument("checkpoint")
   to_jax.add_argument("--workdir", required=True)
-  to_jax.add_argument("--config-preset", default="r50_100ep",
-                      help="configs/care.py preset of the checkpoint's network")
+  to_jax.add_argument("--config", default="configs/care.py:r50_100ep",
+                      help="FILE:PRESET of the checkpoint's network (docs/config.md)")
   to_torch = commands.add_parser("export", help="workdir -> online trunk for PyTorch")
   to_torch.add_argument("workdir")
   to_torch.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
   to_torch.add_argument("--out", required=True)
+  cli.refuse_old_flags([""] + list(sys.argv[1:] if argv is None else argv),
+                       {"--config-preset": "--config=configs/care.py:PRESET"})
   args = parser.parse_args(argv)
-  run_safety.run(lambda: from_release(args.checkpoint, args.workdir, args.config_preset)
+  run_safety.run(lambda: from_release(args.checkpoint, args.workdir, args.config)
                  if args.command == "from-release" else
                  export(args.workdir, args.format, args.out))
   return 0

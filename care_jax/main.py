@@ -11,8 +11,6 @@ space to resume), 75 when SIGTERM stopped the run or a fault may pass (rerun the
 command to resume; DIR/PREEMPTED says so too, for launchers that lose the status). SIGTERM
 is a request from flag parsing on: JAX loads after the handler (run_safety).
 """
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -45,64 +43,11 @@ def run(config, workdir: str, safety: run_safety.RunSafety = SAFETY):
                          f"{config.mode!r}.")
 
 
-def _flat_fields(config, prefix=""):
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      yield from _flat_fields(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}"
-
-
-def _config_spec(argv) -> str:
-  """The --config value of argv (default: the packaged configs/care.py)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "configs/care.py"
-
-
-def _config_from_argv(argv):
-  """The config that --config names, built without absl (used to list valid fields)."""
-  path, _, preset = _config_spec(argv).partition(":")
-  return cli.load_config(path, preset)
-
-
-def _print_help(argv):
-  """absl's flag help (which exits 1), then the presets, and exit 0: help is no error."""
-  app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
-  try:
-    print("\n" + cli.presets_help(_config_spec(argv).partition(":")[0]))
-  except Exception as e:  # the config file cannot be read: say so, help still succeeded
-    print(f"\n(no presets listed: {type(e).__name__}: {e})")
-  sys.exit(0)
-
-
 def parse_flags(argv):
-  """absl's parsing, with config mistakes reported as one line (exit status 2) instead of a
-  traceback, and the --config file found from any directory (cli.resolve_config_path).
-  Installs the SIGTERM handler first: absl calls this before anything else."""
+  """cli.parse_config_flags, with the SIGTERM handler installed first: absl calls this
+  before anything else."""
   SAFETY.listen()
-  argv = cli.resolve_config_args(argv)
-  if any(arg in cli.HELP_FLAGS for arg in argv[1:]):
-    _print_help(argv)
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # absl or config_flags, raised from the config or an override
-    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
-    reason = lines[-1].strip("'\"") if lines else type(e).__name__
-    try:
-      fields = sorted(_flat_fields(_config_from_argv(argv)))
-    except Exception:  # the config itself cannot be built; the reason says why
-      cli.fail(reason)
-    unknown = [arg.split("=")[0][len("--config."):] for arg in argv[1:]
-               if arg.startswith("--config.")
-               and arg.split("=")[0][len("--config."):] not in fields]
-    if unknown:
-      cli.fail(f"unknown config field(s) {', '.join(unknown)}. Valid fields: "
-               f"{', '.join(fields)}")
-    cli.fail(reason)
+  return cli.parse_config_flags(argv)
 
 
 def main(argv):

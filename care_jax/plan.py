@@ -38,8 +38,8 @@ REFERENCE_RESIDUALS = {"bfloat16": 311_467_520, "float32": 407_318_336}
 # XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset;
 # docs/scale.md): the residuals undercount the deeper trunks'.
 DEPTH_CORRECTION = {"resnet101": 9.73 / 8.90, "resnet152": 13.75 / 12.12}
-# Image pairs per second of one H100 on the R50 bfloat16 step at 128 pairs (README,
-# Benchmarks).
+# Image pairs per second of one H100 on the R50 bfloat16 step at 128 pairs
+# (docs/benchmarks.md).
 H100_PAIRS_PER_SEC = 1416
 # Relative speed on ResNet training, from NVIDIA's published ResNet-50 throughputs (mixed
 # precision): estimates, not measurements; --pairs_per_sec replaces them.

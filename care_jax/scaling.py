@@ -157,14 +157,9 @@ def audit(config, mesh, batch_per_device: int, names=None, compiler_options=None
   return report
 
 
-def report_for_devices(preset: str, precision: str, batch_per_device: int, devices: int,
-                       names, image_size: int = 0, fast_compile: bool = False) -> dict:
+def report_for_devices(config, batch_per_device: int, devices: int, names,
+                       fast_compile: bool = False) -> dict:
   """The audit of `names` on a mesh of this process's first `devices` devices."""
-  from care_jax import cli
-  config = cli.load_config(preset=preset)
-  config.precision = precision
-  if image_size:
-    config.data.image_size = image_size
   if len(jax.devices()) < devices:
     raise ValueError(f"{devices} devices asked for, {len(jax.devices())} present")
   mesh = parallel.create_mesh(jax.devices()[:devices])
@@ -177,18 +172,20 @@ def main(argv=None) -> None:
   fixes a CPU's number of simulated devices when it starts): prints its audit as JSON."""
   import argparse
   import json
+  import sys
+
+  from care_jax import cli
+  argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(prog="python -m care_jax.scaling")
-  p.add_argument("--preset", required=True)
-  p.add_argument("--precision", default="float32")
+  p.add_argument("--config", required=True, help="FILE:PRESET; --config.FIELD=VALUE too")
   p.add_argument("--batch_per_device", type=int, required=True)
   p.add_argument("--devices", type=int, required=True)
-  p.add_argument("--image_size", type=int, default=0)
   p.add_argument("--programs", default="", help="comma-separated; empty: all")
   p.add_argument("--fast_compile", action="store_true")
   args = p.parse_args(argv)
   names = [n for n in args.programs.split(",") if n] or None
-  print(json.dumps(report_for_devices(args.preset, args.precision, args.batch_per_device,
-                                      args.devices, names, args.image_size,
+  config = cli.config_from_spec(args.config, overrides)
+  print(json.dumps(report_for_devices(config, args.batch_per_device, args.devices, names,
                                       args.fast_compile)))
 
 

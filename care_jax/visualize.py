@@ -17,18 +17,21 @@ layer4's features at (y, x); the map is the norm of that contribution at each po
 `--encoder=random_init` draws the same network at its random initialisation, the
 baseline to compare a trained one with.
 
-SIGTERM stops it between its stages (loading the network, the images, the maps, drawing)
-with exit status 75 and no PNG: rerun the same command.
+The network and its config are the workdir's; `--config.data.FIELD=VALUE` changes where
+and how the images are read (e.g. --config.data.data_dir). SIGTERM stops it between its
+stages (loading the network, the images, the maps, drawing) with exit status 75 and no
+PNG: rerun the same command.
 """
 import argparse
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from care_jax import checkpointing, pretrained, run_safety
+from care_jax import checkpointing, cli, pretrained, run_safety
 from care_jax.data import augment, input_pipeline
 from care_jax.errors import UserError
 
@@ -164,17 +167,24 @@ def main(argv=None) -> None:
   parser.add_argument("--block", type=int, default=0, help="T-stream block (0: the first)")
   parser.add_argument("--query", default="mean", help="'mean' or a query position ROW,COL")
   safety = run_safety.RunSafety().listen()
+  argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+  cli.refuse_old_flags([""] + argv, {"--config": "--config.data.FIELD=VALUE (the network "
+                                                 "and its config are --workdir's)"})
   args = parser.parse_args(argv)
-  run_safety.run(lambda: _visualize(args, safety))
+  run_safety.run(lambda: _visualize(args, overrides, safety))
 
 
-def _visualize(args, safety) -> None:
+def _visualize(args, overrides, safety) -> None:
   indices = _indices(args.images)  # the arguments' forms first, before anything is loaded
   if args.query != "mean":
     _query_position(args.query)
   if not pathlib.Path(args.out).absolute().parent.is_dir():
     raise UserError(f"--out {args.out}: its folder does not exist.")
+  if any(not item.startswith("data.") for item in overrides):
+    raise UserError("Only data fields may change (--config.data.FIELD=VALUE, e.g. where the "
+                    "images are): the network is the one --workdir holds.")
   config, network, variables = load_network(args.workdir, args.encoder)
+  cli.apply_overrides(config, overrides)
   safety.check()
   images = eval_images(config.data, np.asarray(indices, np.int64))
   safety.check()

@@ -3,8 +3,8 @@ any field with `--config.<field>=<value>`.
 
 Presets: the 16 published settings `r50_100ep` ... `r152_800ep` (trunks r50, r50x2, r101,
 r152; 100/200/400/800 epochs), `fmnist_demo` (what `make demo` runs on a CPU),
-`fmnist_cpu` (the same for 10.7 epochs: learning seen on a CPU, ~45 minutes on 2 cores),
-`fmnist_gpu` (what it runs on a GPU: 100 epochs in minutes on one H100) and `tiny` (tests);
+`fmnist_cpu` (the same for 10.7 epochs: learning seen on a CPU), `fmnist_gpu` (what it
+runs on a GPU: 100 epochs in bfloat16) and `tiny` (tests);
 fine-tuning on 1% or 10% of the labels: `finetune_1pct` and `finetune_10pct` (ImageNet),
 `fmnist_finetune_1pct` and `fmnist_finetune_10pct` (Fashion-MNIST).
 The default (no preset) is the paper's main setting, `r50_100ep`.
@@ -119,11 +119,10 @@ def _fmnist_demo(c):
 
   The stem's max-pool halves the maps (layer3 4x4, layer4 2x2), which doubles the
   throughput on a CPU. LARS scales each layer's step to 1e-3 x lr of its weights' norm:
-  a sub-epoch run needs lr 8 (peak 4 at batch 128) to move them; lr 1 and 24 did worse.
-  Crops of at least a quarter of the 28 px image (the release: 8%): 0.79 against 0.74 in
-  one run each, though runs vary by up to 15 points with the seed (README). The blur's
-  sigma is scaled by 28/224: the release blurs 224 px views by up to 2 px, and 2 px of a
-  28 px image would wipe out much of a garment's shape.
+  a sub-epoch run needs lr 8 (peak 4 at batch 128) to move them (lr 1 and 24 did worse).
+  Crops of at least a quarter of the 28 px image (the release: 8%) did better in the runs
+  of docs/fashion_mnist.md. The blur's sigma is scaled by 28/224: the release blurs 224 px
+  views by up to 2 px, and 2 px of a 28 px image would wipe out much of a garment's shape.
   """
   c.data.name = "fashion_mnist"
   c.data.image_size = 28
@@ -134,11 +133,11 @@ def _fmnist_demo(c):
                  projection_dim=128)
   c.model.t_stream.update(heads=4, head_dim=8)
   c.global_batch_size = 128
-  c.num_train_steps = 200  # ~3.5 minutes with compilation on 2 CPU cores (0.43 epoch)
+  c.num_train_steps = 200  # 0.43 epoch: a few minutes on a CPU (docs/fashion_mnist.md)
   c.optimizer.update(name="lars", base_lr=8.0, weight_decay=1e-6, warmup_epochs=0.05)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
-  # A 10,000-image bank: embedding all 60,000 takes 30 s on 2 CPU cores, a sample 5 s.
+  # A 10,000-image bank: a sixth of the cost of embedding all 60,000 at each evaluation.
   c.monitor.update(every_steps=100, knn_bank_size=10_000)
   # Features are cached, so the head's epochs cost little: 100 lets it converge.
   c.linear_eval.update(augment=False, num_epochs=100, global_batch_size=256, base_lr=0.2,
@@ -146,14 +145,11 @@ def _fmnist_demo(c):
 
 
 def _fmnist_cpu(c):
-  """The demo's network and recipe for 5,000 steps (10.7 epochs) instead of 200: about 45
-  minutes on 2 CPU cores, long enough for the encoder to pass its random initialisation
-  clearly. Monitors and checkpoints about every epoch.
-
-  Kept from the demo: measured this way (2026-12-03, issue 20), the probe reached 0.826
-  against 0.776 for random init, the kNN monitor rising from 0.60 at epoch 1 to 0.75 from
-  epoch 7.5 on. The cosine over 5,000 steps lowers LARS's lr well before the end, so the
-  demo's peak (tuned for half an epoch) does not need changing for the longer run.
+  """The demo's network and recipe for 5,000 steps (10.7 epochs) instead of 200: long
+  enough on a CPU for the encoder to pass its random initialisation clearly (time and
+  figures in docs/fashion_mnist.md). Monitors and checkpoints about every epoch. The
+  cosine over 5,000 steps lowers LARS's lr well before the end, so the demo's peak (tuned
+  for half an epoch) is kept.
   """
   _fmnist_demo(c)
   c.num_train_steps = 5000
@@ -162,7 +158,7 @@ def _fmnist_cpu(c):
 
 
 def _fmnist_gpu(c):
-  """CARE on Fashion-MNIST for 100 epochs in minutes on one GPU (bfloat16), with the kNN
+  """CARE on Fashion-MNIST for 100 epochs on one GPU (bfloat16), with the kNN
   monitor and online probe every 10 epochs, then the demo's three linear probes.
 
   What the paper's setting becomes, and why:
@@ -175,12 +171,10 @@ def _fmnist_gpu(c):
     the demo's peak step, 10 warm-up epochs of 100 (the paper's ratio), weight decay 1e-6.
     5,800 steps (58 an epoch) keep per-step overheads small on a fast card.
   - Crops of at least 25% of the image and the blur scaled to 28 px (the demo's).
-  Budget: 5.6e8 train-step FLOP per pair (`python -m care_jax.summary
-  --config=configs/care.py:fmnist_gpu`), 3.3e15 for 100 epochs (6e6 pairs). The R50 step
-  reached 132 TFLOP/s on an H100; a model this small uses the card far less well. At an
-  assumed 8-16 TFLOP/s (15,000-30,000 pairs/s) 100 epochs take 3.5 to 7 minutes, which is
-  why experiments/gpu_lease.py measures the step first and sets the epochs to fit its
-  share of a lease. Not yet measured on a GPU.
+  Budget: `python -m care_jax.summary --config=configs/care.py:fmnist_gpu` counts the
+  step's FLOPs; a model this small uses a GPU far less well than R50, so
+  experiments/gpu_lease.py measures the step first and sets the epochs to fit its share
+  of a lease.
   """
   _fmnist_demo(c)
   c.data.name = "fashion_mnist_idx"  # no tensorflow on the GPU machines
@@ -211,7 +205,7 @@ def _tiny(c):
 
 def _finetune(c, preset):
   """Fine-tuning on 1% or 10% of the labels (see c.finetune); on Fashion-MNIST with the
-  demo's data settings and a budget of minutes on a CPU."""
+  demo's data settings and a small budget on a CPU."""
   c.mode = "finetune"
   labels = preset.rsplit("_", 1)[1]
   c.finetune.update(labels=labels, num_epochs=50 if labels == "1pct" else 30,
@@ -220,3 +214,90 @@ def _finetune(c, preset):
     _fmnist_demo(c)
     c.finetune.update(global_batch_size=64 if labels == "1pct" else 256,
                       num_epochs=50 if labels == "1pct" else 20)
+
+
+# What each field means: docs/config.md is generated from these and the default config
+# (`python -m care_jax.config_reference --write`; tests/test_config_reference.py fails when
+# a field has no entry here or the page is out of date).
+FIELD_HELP = {
+    "mode": "'pretrain', 'linear_eval' (a linear probe on a frozen encoder) or 'finetune' "
+            "(the whole trunk on 1% / 10% of the labels).",
+    "seed": "Initialisation, data order, views and augmentation; a run is a function of it.",
+    "model.arch": "Trunk: resnet18, resnet34, resnet50, resnet101 or resnet152.",
+    "model.width": "Width multiplier of the bottleneck trunks (2: the paper's R50 2x).",
+    "model.channels": "Channels of the stem and of layer1's narrowest convolution.",
+    "model.stem": "'imagenet' (7x7 stride 2 + max-pool), 'small' (3x3 stride 1), "
+                  "'small_pool' (3x3 + max-pool), or 'auto': small at <= 64 px.",
+    "model.hidden_dim": "Hidden width of the projector and predictor MLPs.",
+    "model.projection_dim": "Output width of the projector and predictor MLPs.",
+    "model.t_stream.num_blocks": "Self-attention blocks of the T-stream (0: none, the "
+                                 "T-head on pooled layer3).",
+    "model.t_stream.heads": "Attention heads per block.",
+    "model.t_stream.head_dim": "Width of each head.",
+    "model.t_stream.position_embedding": "'absolute' (the release's) or 'relative'.",
+    "model.t_stream.bn_group_size": "T-stream BatchNorm statistics per group of this many "
+                                    "examples of each view (the release's per-GPU BN); "
+                                    "<= 0 or >= the batch: the whole batch.",
+    "cross_weight": "lambda, the weight of the cross-stream term.",
+    "base_tau": "Start of the target network's EMA rate, raised to 1 on a cosine.",
+    "data.name": "imagenet2012, imagenet2012_subset/1pct or /10pct, fashion_mnist, "
+                 "fashion_mnist_idx, image_folder, or another prepared tfds dataset "
+                 "(docs/data.md).",
+    "data.data_dir": "Where prepared tfds datasets live (None: TFDS_DATA_DIR, else "
+                     "~/tensorflow_datasets); for fashion_mnist_idx, the idx files' folder.",
+    "data.folder_root": "The root of an image_folder dataset (one folder per split, one "
+                        "per class).",
+    "data.image_size": "Side of the views in pixels.",
+    "data.train_split": "The split pretraining and the probes train on.",
+    "data.eval_split": "The split the monitor and the probes evaluate on.",
+    "data.crop_min_scale": "Smallest area fraction of a random resized crop.",
+    "data.num_workers": "Decoding threads of this process (0: one per core).",
+    "data.blur_scale": "The blur's sigma times this (1: the release's at 224 px).",
+    "global_batch_size": "Image pairs per step over all devices and processes.",
+    "num_epochs": "Pretraining length in epochs.",
+    "num_train_steps": "> 0: pretraining length in steps instead of num_epochs.",
+    "precision": "'float32', 'bfloat16', or 'float16' with dynamic loss scaling.",
+    "optimizer.name": "'sgd' (the release's) or 'lars'.",
+    "optimizer.base_lr": "Learning rate at batch 256; the peak is base_lr x batch / 256.",
+    "optimizer.momentum": "Momentum of SGD or LARS.",
+    "optimizer.weight_decay": "Weight decay.",
+    "optimizer.warmup_epochs": "Linear warm-up before the cosine decay, in epochs.",
+    "log_every_steps": "Steps between metric lines (and divergence checks).",
+    "checkpoint_every_steps": "Steps between checkpoints (and at the end, and on a stop).",
+    "keep_checkpoints": "Checkpoints kept; older ones are deleted.",
+    "profile_steps": "> 0: trace this many steps after the first log period.",
+    "distributed": "Call jax.distributed.initialize() (detects SLURM and other clusters).",
+    "monitor.every_steps": "Steps between kNN / online-probe evaluations (0: never; also at "
+                           "the end when > 0).",
+    "monitor.knn": "Report weighted-kNN top-1 (knn_top1).",
+    "monitor.knn_k": "Neighbours of the kNN vote.",
+    "monitor.knn_temperature": "Temperature of the kNN vote's weights.",
+    "monitor.knn_bank_size": "Training examples in the kNN bank (a fixed sample; <= 0: all).",
+    "monitor.online_probe": "Train a linear probe on the stop-gradient features at every "
+                            "step (online_probe_top1).",
+    "monitor.online_probe_lr": "The online probe's Adam learning rate (cosine to 0).",
+    "linear_eval.pretrained_workdir": "The pretraining run whose encoder is evaluated.",
+    "linear_eval.encoder": "'pretrained', or the baselines 'random_init' and 'raw_pixels'.",
+    "linear_eval.augment": "Train on random crops + flips (the release's); False: on cached "
+                           "centre-view features (fast, small datasets).",
+    "linear_eval.image_size": "-1: the pretraining run's resolution; > 0: this one.",
+    "linear_eval.num_epochs": "Epochs of the linear head.",
+    "linear_eval.global_batch_size": "Examples per step.",
+    "linear_eval.base_lr": "Learning rate at batch 256 (cosine to 0).",
+    "linear_eval.momentum": "SGD momentum.",
+    "linear_eval.weight_decay": "Weight decay.",
+    "linear_eval.eval_every_epochs": "Epochs between evaluations (and at the end).",
+    "finetune.pretrained_workdir": "The pretraining run whose trunk is fine-tuned.",
+    "finetune.encoder": "'pretrained', or the baseline 'random_init'.",
+    "finetune.labels": "'1pct', '10pct' (ImageNet: SimCLR's subsets; else a class-balanced "
+                       "sample) or 'all'.",
+    "finetune.label_seed": "Seed of the class-balanced sample (datasets other than "
+                           "ImageNet).",
+    "finetune.image_size": "-1: the pretraining run's resolution; > 0: this one.",
+    "finetune.num_epochs": "Epochs of fine-tuning.",
+    "finetune.global_batch_size": "Examples per step.",
+    "finetune.base_lr": "Learning rate at batch 256 (cosine to 0; Nesterov SGD).",
+    "finetune.momentum": "Nesterov momentum.",
+    "finetune.weight_decay": "Weight decay.",
+    "finetune.eval_every_epochs": "Epochs between evaluations (and at the end).",
+}

@@ -167,14 +167,15 @@ def command_for(item: dict, smoke: bool, trace_dir: str) -> list:
               "--steps=1", "--warmup=0"]
     return [sys.executable, "experiments/release_step.py", f"--amp={item['amp']}",
             f"--batch={item['batch']}", "--steps=20", "--warmup=5"]
-  args = [sys.executable, "-m", "care_jax.bench", "step", f"--precision={item['precision']}",
-          f"--variants={item['variants']}"]
+  args = [sys.executable, "-m", "care_jax.bench", "step",
+          f"--config.precision={item['precision']}", f"--variants={item['variants']}"]
   if smoke:
-    args += ["--preset=tiny", f"--batch_per_device={max(1, item['batch'] // 64)}",
-             "--steps=2", "--warmup=1", "--fast_compile"]
+    args += ["--config=configs/care.py:tiny",
+             f"--batch_per_device={max(1, item['batch'] // 64)}", "--steps=2", "--warmup=1",
+             "--fast_compile"]
   else:
-    args += ["--preset=r50_100ep", f"--batch_per_device={item['batch']}", "--steps=20",
-             "--warmup=3"]
+    args += ["--config=configs/care.py:r50_100ep", f"--batch_per_device={item['batch']}",
+             "--steps=20", "--warmup=3"]
   if item.get("profile"):
     args += [f"--profile_dir={trace_dir}", "--profile_steps=2"]
   return args
@@ -195,7 +196,7 @@ def pack_trace(run: Run, trace_dir: str) -> str:
 
 
 def table(results: dict) -> str:
-  """The README's table: one row per measurement."""
+  """docs/benchmarks.md's table: one row per measurement."""
   rows = ["| measurement | image pairs/s | median step (ms) | FLOPs/pair | TFLOP/s | "
           "fraction of peak | peak memory (GiB) | before 1st step (GiB) | XLA temp (GiB) |",
           "|---|---|---|---|---|---|---|---|---|"]

@@ -62,9 +62,9 @@ FMNIST_TRAIN_EXAMPLES, FMNIST_BATCH = 60000, 1024
 # the host input, monitors and checkpoints take the rest (estimated, not measured on a GPU).
 RATE_MARGIN = 0.6
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "torch")
-SMOKE_SETS = ("--set=num_train_steps=4", "--set=global_batch_size=64",
-              "--set=monitor.every_steps=2", "--set=monitor.knn_bank_size=2000",
-              "--set=linear_eval.num_epochs=2")
+SMOKE_SETS = ("--config.num_train_steps=4", "--config.global_batch_size=64",
+              "--config.monitor.every_steps=2", "--config.monitor.knn_bank_size=2000",
+              "--config.linear_eval.num_epochs=2")
 
 
 def prepare() -> None:
@@ -148,8 +148,9 @@ def epochs_for(pairs_per_sec: float, pretrain_s: float) -> int:
 def fmnist_stage(lease: Lease, env: dict, smoke: bool) -> dict:
   """Calibrate, pretrain with a schedule that fits, probe, draw."""
   out = {}
-  calibrate = [sys.executable, "-m", "care_jax.bench", "step", "--preset=fmnist_gpu",
-               "--variants=care", "--precision=bfloat16"]
+  calibrate = [sys.executable, "-m", "care_jax.bench", "step",
+               "--config=configs/care.py:fmnist_gpu", "--variants=care",
+               "--config.precision=bfloat16"]
   calibrate += (["--batch_per_device=8", "--steps=2", "--warmup=1", "--fast_compile"] if smoke
                 else [f"--batch_per_device={FMNIST_BATCH}", "--steps=20", "--warmup=3"])
   code, stdout, stderr = lease.command(
@@ -165,14 +166,14 @@ def fmnist_stage(lease: Lease, env: dict, smoke: bool) -> dict:
   workdir = os.path.join(tempfile.gettempdir(), "care_jax_lease_fmnist")
   shutil.rmtree(workdir, ignore_errors=True)
   steps_per_epoch = FMNIST_TRAIN_EXAMPLES // FMNIST_BATCH
-  sets = [f"--set=data.data_dir={os.path.join(WHEELS, 'fashion-mnist')}",
-          f"--set=num_epochs={epochs}",
+  sets = [f"--config.data.data_dir={os.path.join(WHEELS, 'fashion-mnist')}",
+          f"--config.num_epochs={epochs}",
           # about ten points on the learning curve, whatever the epochs
-          f"--set=monitor.every_steps={max(1, epochs * steps_per_epoch // 10)}"]
+          f"--config.monitor.every_steps={max(1, epochs * steps_per_epoch // 10)}"]
   if smoke:
     sets += SMOKE_SETS
   code = terminated_in_time(
-      lease, [sys.executable, "-m", "care_jax.demo", "--preset=fmnist_gpu",
+      lease, [sys.executable, "-m", "care_jax.demo", "--config=configs/care.py:fmnist_gpu",
               f"--workdir={workdir}", *sets, f"--max_pretrain_seconds={pretrain_s:.0f}"],
       env, lease.until("fmnist") - lease.scaled(FMNIST_DRAWINGS_S))
   out["demo_exit_status"] = code

@@ -65,12 +65,12 @@ def test_input_bench_skips_a_bad_first_file_counts_it_and_times_pngs(tmp_path, c
   assert "error" not in result
 
 
-def test_input_bench_on_only_bad_files_reports_them_and_exits_1(tmp_path, capsys):
+def test_input_bench_on_only_bad_files_reports_them_and_exits_2(tmp_path, capsys):
   for name in ("a.jpg", "b.jpeg", "c.png"):
     (tmp_path / name).write_bytes(b"\xff\xd8 truncated")
   code, result, err = run_bench(capsys, "input", f"--images={tmp_path}", "--batch_size=2",
                                 "--num_images=4", "--workers=1", "--image_size=16")
-  assert code == 1
+  assert code == 2  # files to fix, as every program's UserError
   assert result["images_per_sec"] is None and result["images_timed"] == 0
   assert result["files_skipped"] == 3 and result["distinct_images"] == 3
   assert result["source_size_example"] is None
@@ -90,14 +90,34 @@ def test_input_bench_without_images_says_how_to_make_some(tmp_path, capsys, make
 
 
 def test_step_bench_names_the_presets_for_an_unknown_one(capsys):
-  code, result, err = run_bench(capsys, "step", "--preset=nope")
+  code, result, err = run_bench(capsys, "step", "--config=configs/care.py:nope")
   assert code == 2 and result is None
-  assert err.count("\n") == 1 and err.startswith("error: Unknown preset 'nope'")
+  assert err.count("\n") == 1
+  assert err.startswith("error: --config=configs/care.py:nope: Unknown preset 'nope'")
   assert "r50_100ep" in err and "tiny" in err
 
 
+@pytest.mark.parametrize("old,new", [("--preset=tiny", "--config=configs/care.py:PRESET"),
+                                     ("--precision=bfloat16", "--config.precision=PRECISION"),
+                                     ("--image_size=32", "--config.data.image_size=N")])
+def test_step_and_scaling_refuse_old_flags_with_the_new_spelling(capsys, old, new):
+  for command in ("step", "scaling"):
+    code, result, err = run_bench(capsys, command, old)
+    assert code == 2 and result is None and err.count("\n") == 1
+    assert err.startswith(f"error: {old.split('=')[0]} is no longer a flag: use {new}")
+
+
+def test_step_bench_takes_config_overrides_and_refuses_unknown_fields(capsys):
+  code, result, err = run_bench(capsys, "step", "--config=configs/care.py:tiny",
+                                "--config.no_such=1")
+  assert code == 2 and err.startswith("error: unknown config field(s) no_such. Valid ")
+  code, result, err = run_bench(capsys, "step", "--config=configs/care.py:tiny",
+                                "--config.precision=3")
+  assert code == 2 and "precision must be of type str, got 3" in err
+
+
 def test_step_bench_refuses_a_batch_below_one(capsys):
-  code, _, err = run_bench(capsys, "step", "--preset=tiny", "--batch_per_device=0")
+  code, _, err = run_bench(capsys, "step", "--config=configs/care.py:tiny", "--batch_per_device=0")
   assert code == 2 and err == "error: --batch_per_device must be at least 1, got 0.\n"
 
 
@@ -150,7 +170,7 @@ def test_step_figures_with_and_without_flops():
 def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing():
   """The real command on the tiny preset, as a GPU machine with JAX 0.11 runs it."""
   out = subprocess.run(
-      [sys.executable, "-c", NO_TENSORFLOW_NO_COST_ANALYSIS, "step", "--preset=tiny",
+      [sys.executable, "-c", NO_TENSORFLOW_NO_COST_ANALYSIS, "step", "--config=configs/care.py:tiny",
        "--batch_per_device=2", "--warmup=0", "--steps=2", "--variants=without_t_stream",
        "--fast_compile"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -172,7 +192,7 @@ def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing
     (["--programs=pretrain_step,nope"], "error: --programs: unknown ['nope']; choose from "),
 ])
 def test_scaling_bench_says_what_to_fix(capsys, args, message):
-  code, result, err = run_bench(capsys, "scaling", "--preset=tiny", *args)
+  code, result, err = run_bench(capsys, "scaling", "--config=configs/care.py:tiny", *args)
   assert code == 2 and result is None
   assert err.count("\n") == 1 and err.startswith(message), err
 
@@ -180,7 +200,7 @@ def test_scaling_bench_says_what_to_fix(capsys, args, message):
 def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
   """Simulated CPU devices, one child process per count: the step keeps each device on its
   own examples as the count doubles."""
-  code, result, err = run_bench(capsys, "scaling", "--preset=tiny", "--batch_per_device=2",
+  code, result, err = run_bench(capsys, "scaling", "--config=configs/care.py:tiny", "--batch_per_device=2",
                                 "--devices=1,2", "--fast_compile")
   assert code == 0, err
   assert result["device"] == "simulated CPU devices"

@@ -107,7 +107,7 @@ def test_from_release_puts_every_weight_in_its_place(tiny_release, tmp_path, cap
   config, care, path = tiny_release
   workdir = tmp_path / "converted"
   assert convert.main(["from-release", str(path), "--workdir", str(workdir),
-                       "--config-preset", "tiny"]) == 0
+                       "--config=configs/care.py:tiny"]) == 0
   assert "release epoch 7" in capsys.readouterr().out
   assert json.loads((workdir / convert.PROVENANCE).read_text())["start_epoch"] == 7
   setup = pretraining.build(checkpointing.load_config(workdir), 1, 1)
@@ -220,7 +220,7 @@ def test_files_that_are_not_release_checkpoints_give_one_line(tmp_path):
               with_code: "is not a readable PyTorch checkpoint",
               other_model: "expected a dict with a 'model' state dict"}
   for path, message in expected.items():
-    out = run_cli("from-release", path, "--workdir", tmp_path / "out", "--config-preset", "tiny")
+    out = run_cli("from-release", path, "--workdir", tmp_path / "out", "--config=configs/care.py:tiny")
     assert out.returncode == 2, (path, out.stderr)
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert message in out.stderr and str(path) in out.stderr, out.stderr

@@ -19,14 +19,24 @@ def results(ours, random_init, raw, epochs=100.0, **extra):
           "raw_pixels_linear_top1": raw, "pretrain_epochs": epochs, **extra}
 
 
-def test_cpu_gets_the_cpu_preset_and_overrides_keep_their_types():
+def demo_cli(*args):
+  return subprocess.run([sys.executable, "-m", "care_jax.demo", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cpu_gets_the_cpu_preset():
   assert demo.choose_preset("auto") == "fmnist_demo"  # the tests run on a CPU
   assert demo.choose_preset("fmnist_gpu") == "fmnist_gpu"
-  config = demo.make_config("fmnist_gpu", ["num_epochs=50", "data.data_dir=/data/idx",
-                                           "monitor.every_steps=0"], pretrain_steps=None)
-  assert (config.num_epochs, config.data.data_dir, config.monitor.every_steps) == (
-      50, "/data/idx", 0)
-  assert demo.make_config("fmnist_demo", [], pretrain_steps=7).num_train_steps == 7
+
+
+@pytest.mark.parametrize("old,new", [("--set=num_epochs=5", "--config.FIELD=VALUE"),
+                                     ("--preset=fmnist_cpu", "--config=configs/care.py:PRESET"),
+                                     ("--pretrain_steps=7", "--config.num_train_steps=N")])
+def test_old_flag_spellings_are_refused_with_the_new_one(tmp_path, old, new):
+  out = demo_cli(old, f"--workdir={tmp_path}")
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+  assert out.stderr.startswith(f"error: {old.split('=')[0]} is no longer a flag: use {new}")
+  assert not any(tmp_path.iterdir())
 
 
 def test_conclusion_says_whether_pretraining_beat_the_baselines():
@@ -36,9 +46,20 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
   short = " ".join(demo.conclusion(results(0.88, 0.82, 0.84), "fmnist_gpu"))
   assert "not met: top1, over_random_init, over_raw_pixels" in short
   assert "but not of raw pixels" not in short  # 0.88 is above raw pixels
-  behind = " ".join(demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43), "fmnist_demo"))
-  assert "not clearly ahead of the random one (-5.0 points)" in behind
-  assert "pretrained for 0.43" in behind and "learning curve" in behind
+  # Behind random init: first what the run shows (its curves), then why and what is ahead.
+  behind = demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43,
+                                   knn_curve=[[0.21, 0.5723], [0.43, 0.5982]],
+                                   online_probe_curve=[[0.21, 0.3501], [0.43, 0.4788]]),
+                           "fmnist_demo")
+  assert len(behind) == 2
+  assert behind[0] == ("Pretraining is learning: over its 0.43 epochs the kNN top-1 0.572 -> "
+                       "0.598 and the online-probe top-1 0.350 -> 0.479 rose on the test "
+                       "images.")
+  assert "too few for the linear probe to pass random init (-5.0 points)" in behind[1]
+  assert "--config=configs/care.py:fmnist_cpu" in behind[1]
+  assert "docs/fashion_mnist.md" in behind[1]
+  no_curves = demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43), "fmnist_demo")
+  assert no_curves[0].startswith("This run pretrained for 0.43 epochs")
   stopped = demo.conclusion(results(0.89, 0.80, 0.83, epochs=61.0, pretrain_scheduled_epochs=100,
                                     pretrain_stopped_by_time_limit=True), "fmnist_gpu")
   assert "stopped the pretraining at epoch 61 of 100" in stopped[-1]
@@ -47,19 +68,21 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
 def test_the_demo_and_the_main_program_import_into_one_process():
   """Their absl flags (both have --workdir) are defined only by the one that runs."""
   assert main._WORKDIR.name in flags.FLAGS and "max_pretrain_seconds" not in flags.FLAGS
-  out = subprocess.run([sys.executable, "-m", "care_jax.demo", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
-  for flag in ("--workdir", "--preset", "--set", "--max_pretrain_seconds"):
-    assert flag in out.stdout + out.stderr
+  out = demo_cli("--help")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for text in ("--workdir", "--config", "--max_pretrain_seconds", "fmnist_cpu",
+               "docs/config.md"):
+    assert text in out.stdout
 
 
-def test_unknown_field_or_a_value_of_another_type_is_refused():
-  for field in ("no_such_field", "data.no_such_field", "seed.x", "no_section.x"):
-    with pytest.raises(errors.UserError, match=f"no field '{field}'"):
-      demo.make_config("fmnist_gpu", [f"{field}=1"])
-  with pytest.raises(errors.UserError, match=r"^--set=num_epochs=50.5: num_epochs must be of "
-                                             r"type int, got 50.5.$"):
-    demo.make_config("fmnist_gpu", ["num_epochs=50.5"])
+def test_unknown_field_or_a_value_of_another_type_is_refused(tmp_path):
+  out = demo_cli("--config.no_such_field=1", f"--workdir={tmp_path}")
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+  assert out.stderr.startswith("error: unknown config field(s) no_such_field. Valid fields: ")
+  out = demo_cli("--config=configs/care.py:fmnist_cpu", "--config.num_epochs=50.5",
+                 f"--workdir={tmp_path}")
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+  assert "num_epochs" in out.stderr and not any(tmp_path.iterdir())
 
 
 def stopped_at_step_290(config, workdir, safety):  # as train.pretrain does when asked to stop
@@ -86,7 +109,8 @@ def test_a_pretraining_stopped_by_the_time_limit_reports_the_epoch_reached(
                  "pretrain_stopped_by_time_limit": True,
                  "pretrain_pairs_per_sec_median": 20175.0,  # the first period left out
                  "knn_top1": pytest.approx(0.8), "knn_epoch": 5.0,
-                 "online_probe_top1": pytest.approx(0.7), "online_probe_epoch": 5.0}
+                 "online_probe_top1": pytest.approx(0.7), "online_probe_epoch": 5.0,
+                 "knn_curve": [[5.0, 0.8]], "online_probe_curve": [[5.0, 0.7]]}
 
 
 def test_a_schedulers_stop_during_pretraining_stops_the_demo(tmp_path, monkeypatch):
@@ -106,6 +130,11 @@ def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, 
   from care_jax.evaluation import linear
   calls = []
 
+  def config(seed):
+    c = load_config("tiny")
+    c.seed = seed
+    return c
+
   def fake_pretrain(config, workdir, safety):
     calls.append("pretrain")
     pathlib.Path(workdir).mkdir()  # where its events would be
@@ -118,15 +147,14 @@ def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, 
 
   monkeypatch.setattr(train, "pretrain", fake_pretrain)
   monkeypatch.setattr(linear, "evaluate", fake_evaluate)
-  monkeypatch.setattr(demo, "make_config", lambda *a: load_config("tiny"))
   from care_jax.data import input_pipeline
   monkeypatch.setattr(input_pipeline, "dataset_info", lambda data: types.SimpleNamespace(
       num_train_examples=64))
   with pytest.raises(run_safety.Stopped):
-    demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])
+    demo.run_demo(tmp_path, config(1), "fmnist_demo")
   assert calls == ["pretrain", "pretrained", "random_init"]
-  results = demo.run_demo(tmp_path, "fmnist_demo", ["seed=1"])
+  results = demo.run_demo(tmp_path, config(1), "fmnist_demo")
   assert calls[3:] == ["random_init", "raw_pixels"]  # the finished stages were kept
   assert results["linear_top1"] == results["raw_pixels_linear_top1"] == 0.5
   with pytest.raises(errors.UserError, match="holds a demo run with other settings"):
-    demo.run_demo(tmp_path, "fmnist_demo", ["seed=2"])
+    demo.run_demo(tmp_path, config(2), "fmnist_demo")

@@ -104,12 +104,22 @@ def test_convert_says_a_missing_checkpoint_is_missing_before_asking_for_torch(
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
   with pytest.raises(SystemExit) as exit_:
     convert.main(["from-release", str(tmp_path / "nonexistent.pth.tar"),
-                  "--workdir", str(tmp_path / "w"), "--config-preset", "tiny"])
+                  "--workdir", str(tmp_path / "w"), "--config=configs/care.py:tiny"])
   err = capsys.readouterr().err
   assert exit_.value.code == 2  # a file to fix, as in every program
   assert err.startswith("error: ") and "nonexistent.pth.tar: no such file" in err
   assert "torch" not in err and err.count("\n") == 1
   assert not (tmp_path / "w").exists()
+
+
+def test_converts_old_flag_is_refused_with_the_new_spelling(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(["from-release", str(tmp_path / "x.pth.tar"), "--workdir",
+                  str(tmp_path / "w"), "--config-preset", "tiny"])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1
+  assert err.startswith("error: --config-preset is no longer a flag: use "
+                        "--config=configs/care.py:PRESET")
 
 
 def test_help_exits_0_and_lists_the_presets_from_any_directory(tmp_path):
@@ -151,6 +161,8 @@ def test_the_wheel_holds_every_module_and_the_configs(tmp_path):
   assert {"care_jax/configs/care.py", "care_jax/configs/__init__.py"} <= names
   # The trainer's own dependencies, and the rest as extras: data (tfds, clu), test, interop.
   metadata = zipfile.ZipFile(wheel).read("care_jax-0.1.0.dist-info/METADATA").decode()
+  assert "License-Expression: Apache-2.0" in metadata.splitlines()
+  assert "care_jax-0.1.0.dist-info/licenses/LICENSE" in names
   groups = {}
   for line in metadata.splitlines():
     if line.startswith("Requires-Dist: "):

@@ -123,8 +123,8 @@ def test_sigterm_saves_at_the_step_reached_and_exits_75(tmp_path, image_folder):
   step = int(stderr.split("Stopped by SIGTERM: saved the checkpoint of step ")[1].split(";")[0])
   assert 2 <= step < 12
   assert int(final_state(tmp_path).step) == step
-  assert (tmp_path / "PREEMPTED").read_text().startswith(f"Stopped by SIGTERM: saved the checkpoint "
-                                                         f"of step {step};")
+  assert (tmp_path / "PREEMPTED").read_text().startswith(
+      f"Stopped by SIGTERM: saved the checkpoint of step {step};")
 
   # Resuming under settings that change the computation is refused, and nothing is lost.
   out = run(tiny_run_args(image_folder, tmp_path, *LONG_RUN, "--config.optimizer.base_lr=0.1"),

@@ -58,7 +58,9 @@ def test_trained_and_random_encoders_draw_different_maps(tmp_path, pretrained_wo
                                 r"missing"),
     ("--images=abc", r"--images must be comma-separated indices such as 0,1,2; got 'abc'"),
     ("--query=3", r"--query must be 'mean' or a position ROW,COL such as 0,3; got '3'"),
-    ("--out={tmp}/no_folder/x.png", r"--out \S+/no_folder/x.png: its folder does not exist")])
+    ("--out={tmp}/no_folder/x.png", r"--out \S+/no_folder/x.png: its folder does not exist"),
+    ("--config=configs/care.py:tiny", r"--config is no longer a flag: use --config.data.FIELD"),
+    ("--config.model.width=2", r"Only data fields may change \(--config.data.FIELD=VALUE")])
 def test_a_missing_workdir_or_a_malformed_argument_is_one_line(tmp_path, capsys, arg, message):
   argv = [f"--workdir={tmp_path}", f"--out={tmp_path / 'x.png'}", arg.format(tmp=tmp_path)]
   with pytest.raises(SystemExit) as exit:

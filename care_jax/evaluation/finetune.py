@@ -4,7 +4,7 @@ linear head, trained end to end on a small labelled part of the training split.
 The labelled part: on ImageNet, tfds `imagenet2012_subset/1pct` or `/10pct` (SimCLR's
 subsets, the paper's); on any other dataset, a class-balanced sample of 1% or 10% of
 train_split fixed by finetune.label_seed. The protocol is BYOL's, as the CARE paper gives
-none (hyper-parameters and sources in the README): SGD with Nesterov momentum, no weight
+none (hyper-parameters and sources in docs/evaluation.md): SGD with Nesterov momentum, no weight
 decay, random resized crops + flips, BatchNorm in training mode on the global batch, a
 cosine learning rate; evaluation on centre views of eval_split. Epochs, evaluations,
 checkpoints, stops and results.json are the shared loop's (`supervised`), as in linear
