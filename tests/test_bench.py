@@ -170,7 +170,8 @@ def test_step_figures_with_and_without_flops():
 def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing():
   """The real command on the tiny preset, as a GPU machine with JAX 0.11 runs it."""
   out = subprocess.run(
-      [sys.executable, "-c", NO_TENSORFLOW_NO_COST_ANALYSIS, "step", "--config=configs/care.py:tiny",
+      [sys.executable, "-c", NO_TENSORFLOW_NO_COST_ANALYSIS, "step",
+       "--config=configs/care.py:tiny",
        "--batch_per_device=2", "--warmup=0", "--steps=2", "--variants=without_t_stream",
        "--fast_compile"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -200,7 +201,8 @@ def test_scaling_bench_says_what_to_fix(capsys, args, message):
 def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
   """Simulated CPU devices, one child process per count: the step keeps each device on its
   own examples as the count doubles."""
-  code, result, err = run_bench(capsys, "scaling", "--config=configs/care.py:tiny", "--batch_per_device=2",
+  code, result, err = run_bench(capsys, "scaling", "--config=configs/care.py:tiny",
+                                "--batch_per_device=2",
                                 "--devices=1,2", "--fast_compile")
   assert code == 0, err
   assert result["device"] == "simulated CPU devices"

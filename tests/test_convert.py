@@ -220,7 +220,8 @@ def test_files_that_are_not_release_checkpoints_give_one_line(tmp_path):
               with_code: "is not a readable PyTorch checkpoint",
               other_model: "expected a dict with a 'model' state dict"}
   for path, message in expected.items():
-    out = run_cli("from-release", path, "--workdir", tmp_path / "out", "--config=configs/care.py:tiny")
+    out = run_cli("from-release", path, "--workdir", tmp_path / "out",
+                  "--config=configs/care.py:tiny")
     assert out.returncode == 2, (path, out.stderr)
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
     assert message in out.stderr and str(path) in out.stderr, out.stderr

@@ -1,9 +1,8 @@
 """The input pipeline's fast path for a split already decoded in memory (ArraySource).
 
-One example at a time, the host spends about 150 us per Fashion-MNIST pair on a CPU core,
-most of it numpy call overhead (a generator per example, ten scalar draws per window),
-and Python threads share one interpreter: a GPU machine would get ~10,000 pairs/s, a
-fraction of what its step takes at 28 px. Here each step's windows and flips are drawn at
+One example at a time, the host's time per Fashion-MNIST pair is mostly numpy call
+overhead (a generator per example, ten scalar draws per window), and Python threads share
+one interpreter: a GPU would wait for its data at 28 px. Here each step's windows and flips are drawn at
 once, from one generator per global batch, default_rng([seed, 1, step]) (input_pipeline's
 crop stream with a shorter key), and each worker crops a contiguous chunk of this
 process's slots. Batches stay a function of (seed, step) whatever the number of processes

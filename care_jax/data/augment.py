@@ -134,7 +134,7 @@ def gaussian_blur(image, sigma):
   "Augmentations"): three box blurs along each axis, composed into one matrix per axis and
   applied as two matrix products.
 
-  Under vmap, a convolution per example is slow on XLA:CPU (~45 ms of the demo's 680 ms
+  Under vmap, a convolution per example is slow on XLA:CPU (a sizeable part of the demo's
   step); batched matrix products are cheap on every backend.
   """
   radius = _box_radius(sigma)

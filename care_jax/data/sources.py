@@ -233,7 +233,7 @@ class TfdsSource:
   """A split of a prepared tfds dataset, images left encoded (we decode them ourselves).
 
   A split of at most _IN_MEMORY_BYTES on disk (Fashion-MNIST's) is read whole, once: a
-  random read through tfds costs ~0.7 ms a record, a bulk read ~0.08 ms, which makes the
+  random read through tfds costs about ten times a bulk read per record, which makes the
   difference between a CPU demo waiting for its data or not.
   """
 

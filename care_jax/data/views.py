@@ -12,18 +12,15 @@ widens with the shrink factor (an antialiased resize). A plain bilinear resize, 
 OpenCV's, looks at two pixels whatever the shrink, so a crop shrunk 1.5x comes out up to
 twice as sharp (in gradient energy) as the release's view of it. `_resample`, compiled
 when care_jax is installed, computes Pillow's integers to the bit about as fast as
-OpenCV's plain bilinear (0.116 against 0.105 ms per 224 px view of a 500x375 photo, one
-core; Pillow itself: 0.73). Where it was not built (no C compiler), Pillow resizes,
-except where both axes are enlarged: there the two filters are the same up to rounding
-and OpenCV's is ~7x faster.
+OpenCV's plain bilinear and several times faster than Pillow. Where it was not built (no C
+compiler), Pillow resizes, except where both axes are enlarged: there the two filters are
+the same up to rounding and OpenCV's is faster.
 
-Decoding is the cost that matters (about 1.3 ms for a 500x375 JPEG on one core), so each
-image is decoded once for both views, at full size as the release decodes it. libjpeg's
-DCT scaling (decoding at 1/2, 1/4 or 1/8 size) would be cheaper for big images, but its
-views are up to 25% blurrier than the release's (p99 difference 11 to 46 levels of 255 on
-photos, measured with tests/test_views_match_release.py's crops). A fused decode-and-crop
-per view (tf.image.decode_and_crop_jpeg) costs more than one full decode on ImageNet-sized
-images (docs/data.md has the figures).
+Decoding is the cost that matters, so each image is decoded once for both views, at full
+size as the release decodes it. libjpeg's DCT scaling (decoding at 1/2, 1/4 or 1/8 size)
+would be cheaper for big images, but its views are blurrier than the release's; a fused
+decode-and-crop per view (tf.image.decode_and_crop_jpeg) costs more than one full decode on
+ImageNet-sized images. docs/data.md has the measurements.
 
 Randomness is passed in (`np.random.Generator`), never global, so that the caller can
 make every view a pure function of (seed, step, example).

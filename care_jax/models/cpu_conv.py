@@ -1,15 +1,14 @@
 """Convolutions in the forms XLA:CPU runs fastest; other backends get XLA's own. Every
 form computes the same convolution; only the order of summation differs.
 
-Measured on a 2-core x86 (jax 0.10, batch 256, forward + gradients):
-- a 3x3 conv whose output map is 2x2 (layer4 of the demo's trunk, 128 channels) takes
-  250 ms natively but 17 ms written as one matrix product over the nine shifted inputs
-  (im2col): XLA:CPU's convolution is slow on tiny maps;
-- a 1x1 conv is a matrix product; written as one it is 2-4x faster (28.7 -> 6.9 ms for the
-  T-stream's 64 -> 192 projection at 4x4);
+Why (figures in docs/benchmarks.md, "Convolution forms on a CPU"):
+- a 3x3 conv whose output map is 2x2 (layer4 of the demo's trunk) is an order of magnitude
+  faster written as one matrix product over the nine shifted inputs (im2col): XLA:CPU's
+  convolution is slow on tiny maps;
+- a 1x1 conv is a matrix product; written as one it is several times faster;
 - XLA:CPU lowers the weight gradient of a conv with few input channels to a slow generic
-  loop (880 ms for 3x3, 16 channels, 28x28, batch 512) where one matrix product per kernel
-  tap takes 280 ms; from 64 channels on the native one is faster.
+  loop, where one matrix product per kernel tap is faster; from 64 channels on the native
+  one is faster.
 Larger maps keep XLA's convolution, where im2col would cost more memory traffic than it
 saves.
 """
