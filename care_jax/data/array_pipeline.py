@@ -2,11 +2,11 @@
 
 One example at a time, the host's time per Fashion-MNIST pair is mostly numpy call
 overhead (a generator per example, ten scalar draws per window), and Python threads share
-one interpreter: a GPU would wait for its data at 28 px. Here each step's windows and flips are drawn at
-once, from one generator per global batch, default_rng([seed, 1, step]) (input_pipeline's
-crop stream with a shorter key), and each worker crops a contiguous chunk of this
-process's slots. Batches stay a function of (seed, step) whatever the number of processes
-or workers; the example order is input_pipeline's.
+one interpreter: a GPU would wait for its data at 28 px. Here each step's windows and flips
+are drawn at once, from one generator per global batch, default_rng([seed, 1, step])
+(input_pipeline's crop stream with a shorter key), and each worker crops a contiguous
+chunk of this process's slots. Batches stay a function of (seed, step) whatever the number
+of processes or workers; the example order is input_pipeline's.
 """
 import itertools
 
