@@ -3,13 +3,15 @@
   python -m care_jax.bench input --images=DIR   host side of the pretraining input pipeline,
                                                  next to the release's two-view transforms
                                                  on the same files
-  python -m care_jax.bench step [--preset=r50_100ep --batch_per_device=128 --precision=...]
+  python -m care_jax.bench step [--config=configs/care.py:r50_100ep --batch_per_device=128
+                                 --config.precision=...]
                                                  the jitted train step on synthetic crops,
                                                  next to the same step without the T-stream:
                                                  pairs/s (and per device), FLOPs/pair,
                                                  TFLOP/s, fraction of the card's rate, peak
                                                  memory per device
-  python -m care_jax.bench scaling [--preset=r50_100ep --batch_per_device=4 --devices=1,2,4,8]
+  python -m care_jax.bench scaling [--config=configs/care.py:r50_100ep --batch_per_device=4
+                                    --devices=1,2,4,8]
                                                  the step (--programs=all: every program
                                                  jitted over the mesh) compiled for each
                                                  device count at the same per-device batch:

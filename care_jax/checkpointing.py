@@ -7,6 +7,7 @@ directory and renames it when complete, so a crash never leaves a half-written c
 one left behind by a crash or a full disk is deleted when the next run opens the manager.
 """
 import contextlib
+import errno
 import json
 import logging
 import pathlib
@@ -323,8 +324,9 @@ def agreed_steps(mgr: ocp.CheckpointManager) -> list[int]:
 _RESTORED, _DAMAGED, _TRANSIENT, _FAILED = 0, 1, 2, 3
 # TensorStore's status codes for files that are missing, short or undecodable.
 _DAMAGE_CODES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILED_PRECONDITION:")
-# Faults of the storage that may pass.
-_TRANSIENT_CODES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:", "RESOURCE_EXHAUSTED:")
+# Faults of the storage that may pass: TensorStore's codes and the OS's.
+_TRANSIENT_CODES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:")
+_TRANSIENT_ERRNOS = (errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EINTR)
 
 
 def _outcome(error: BaseException) -> int:
@@ -334,12 +336,13 @@ def _outcome(error: BaseException) -> int:
 
 
 def _transient(error: BaseException) -> bool:
-  """An I/O fault (an OSError other than a missing file, TensorStore's UNAVAILABLE, ...)
-  rather than a tree that does not match."""
+  """An I/O fault that may pass (EIO, a timeout, a stale NFS handle; TensorStore's
+  UNAVAILABLE or DEADLINE_EXCEEDED), not a permission, a missing file or a tree that does
+  not match: those stay errors a rerun would repeat."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if ((isinstance(error, OSError) and not isinstance(error, FileNotFoundError))
+    if (getattr(error, "errno", None) in _TRANSIENT_ERRNOS
         or str(error).startswith(_TRANSIENT_CODES)):
       return True
     error = error.__cause__ or error.__context__

@@ -203,14 +203,16 @@ def apply_overrides(config, overrides=()):
     if field not in fields:
       raise errors.UserError(f"unknown config field(s) {field}. Valid fields: "
                              f"{', '.join(fields)}")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
     *parents, name = field.split(".")
     section = config
     for part in parents:
       section = section[part]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    if isinstance(section[name], str) or section.get_type(name) is str:
+      value = text  # a path or name that looks like a number stays text
     try:
       section[name] = value
     except TypeError:  # ml_collections keeps each field's type

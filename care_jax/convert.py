@@ -45,7 +45,8 @@ def preset_config(spec: str):
     raise ConversionError(f"--config={spec}: {e}") from None
 
 
-def from_release(checkpoint, workdir, config_spec: str = "configs/care.py:r50_100ep") -> None:
+def from_release(checkpoint, workdir, config_spec: str = "configs/care.py:r50_100ep",
+                 overrides=()) -> None:
   """Writes the care_jax workdir `workdir` holding the release checkpoint's networks."""
   if not pathlib.Path(checkpoint).is_file():  # said before anything asks for torch
     raise ConversionError(f"{checkpoint}: no such file; pass the path of the release's "
@@ -53,7 +54,7 @@ def from_release(checkpoint, workdir, config_spec: str = "configs/care.py:r50_10
   if checkpointing.checkpoint_dir(workdir).exists():
     raise ConversionError(f"{workdir} already holds checkpoints; convert into a new "
                           "--workdir.")
-  config = preset_config(config_spec)
+  config = cli.apply_overrides(preset_config(config_spec), overrides)
   tensors, start_epoch = release.read_checkpoint(checkpoint)
   setup = pretraining.build(config, steps_per_epoch=1, total_steps=1)
   online_params, online_stats, target_params, target_stats = jax.device_put(
@@ -126,15 +127,19 @@ def main(argv=None) -> int:
   to_jax.add_argument("checkpoint")
   to_jax.add_argument("--workdir", required=True)
   to_jax.add_argument("--config", default="configs/care.py:r50_100ep",
-                      help="FILE:PRESET of the checkpoint's network (docs/config.md)")
+                      help="FILE:PRESET of the checkpoint's network; --config.FIELD=VALUE "
+                           "changes a field (docs/config.md)")
   to_torch = commands.add_parser("export", help="workdir -> online trunk for PyTorch")
   to_torch.add_argument("workdir")
   to_torch.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
   to_torch.add_argument("--out", required=True)
-  cli.refuse_old_flags([""] + list(sys.argv[1:] if argv is None else argv),
-                       {"--config-preset": "--config=configs/care.py:PRESET"})
+  argv, overrides = cli.split_overrides(sys.argv[1:] if argv is None else argv)
+  cli.refuse_old_flags([""] + argv, {"--config-preset": "--config=configs/care.py:PRESET"})
   args = parser.parse_args(argv)
-  run_safety.run(lambda: from_release(args.checkpoint, args.workdir, args.config)
+  if overrides and args.command == "export":
+    cli.fail("export writes the workdir's network, as its config.json says: it takes no "
+             "--config.FIELD=VALUE.")
+  run_safety.run(lambda: from_release(args.checkpoint, args.workdir, args.config, overrides)
                  if args.command == "from-release" else
                  export(args.workdir, args.format, args.out))
   return 0

@@ -62,7 +62,9 @@ def pretrain(config, workdir: pathlib.Path, steps_per_epoch: int, total_steps: i
     except run_safety.Stopped as e:
       if e.source != run_safety.TIME_LIMIT:
         raise
-      steps, stopped = e.step, True
+      # None or the last step: the limit ran out in an evaluation after the last step.
+      steps = total_steps if e.step is None else e.step
+      stopped = steps < total_steps
   out = {"pretrain_epochs": round(steps / steps_per_epoch, 3),
          "pretrain_scheduled_epochs": round(total_steps / steps_per_epoch, 3),
          "pretrain_stopped_by_time_limit": stopped}

@@ -127,17 +127,19 @@ class RunSafety:
 
 
 def exit_status(error: BaseException) -> int | None:
-  """The exit status of an error class a user can act on; None for a bug (traceback)."""
-  from care_jax.training import divergence  # noqa: PLC0415  (loads JAX: only once it ran)
+  """The exit status of an error class a user can act on; None for a bug (traceback). A
+  refused write that no caller named (a library's own files: tfds, the profiler) is still
+  one: 74."""
+  divergence = sys.modules.get("care_jax.training.divergence")  # loaded if it can diverge
   if isinstance(error, (Stopped, errors.TransientError)):
     return EXIT_RERUN
   if isinstance(error, errors.WriteFailed):
     return EXIT_WRITE_FAILED
-  if isinstance(error, divergence.Diverged):
+  if divergence is not None and isinstance(error, divergence.Diverged):
     return EXIT_DIVERGED
   if isinstance(error, errors.UserError):
     return EXIT_USER
-  return None
+  return EXIT_WRITE_FAILED if errors.write_failure_reason(error) else None
 
 
 def run(body, workdir=None) -> None:
@@ -149,12 +151,13 @@ def run(body, workdir=None) -> None:
     status = exit_status(error)
     if status is None:
       raise
-    if isinstance(error, errors.WriteFailed):
+    if status == EXIT_WRITE_FAILED:
       # orbax's queued writes are abandoned: their coroutines would each warn at exit.
       warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                               category=RuntimeWarning)
-    if isinstance(error, Stopped):
+    if status == EXIT_RERUN:  # the marker too: srun may report another process's signal
       _leave_marker(workdir, str(error))
+    if isinstance(error, Stopped):
       logging.warning("%s (exit status %d)", error, status)
     else:
       print(f"error: {_message(error, workdir)}", file=sys.stderr)
@@ -164,7 +167,10 @@ def run(body, workdir=None) -> None:
 def _message(error: Exception, workdir) -> str:
   """The one line: for a failed write, also what survived it and what to do."""
   if not isinstance(error, errors.WriteFailed):
-    return str(error)
+    reason = errors.write_failure_reason(error)
+    if reason is None or exit_status(error) != EXIT_WRITE_FAILED:
+      return str(error)
+    error = errors.WriteFailed("a file", reason)
   if workdir is None:
     return (f"{error}. Free some space (or make the file system writable again) and rerun "
             "the same command.")
@@ -195,8 +201,8 @@ def _leave_marker(workdir, text: str) -> None:
     return
   try:
     write_atomic(pathlib.Path(workdir) / MARKER, text + "\n")
-  except errors.WriteFailed:
-    pass  # a full disk: the exit status still says it all
+  except (errors.WriteFailed, OSError):
+    pass  # a full disk, a missing or read-only workdir: the exit status still says it
 
 
 def write_atomic(path, content) -> None:

@@ -15,7 +15,7 @@ GiB = 2**30
 
 
 def main():
-  presets = cli._config_module(cli.CONFIG_FILE)
+  presets = cli.config_module(cli.CONFIG_FILE)
   epochs_list = presets.EPOCHS
   trunks = sys.argv[1:] or list(presets.TRUNKS)
   print("| trunk | precision | nodes x 8 | pairs / device | step GiB | kNN monitor GiB | "

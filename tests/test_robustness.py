@@ -427,3 +427,19 @@ def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
   assert cli.resolve_config_path("configs/care.py") == "configs/care.py"
   assert cli.resolve_config_path("elsewhere/mine.py") == "elsewhere/mine.py"  # absl says
   assert cli.resolve_config_path(f"{ROOT}/configs/care.py") == f"{ROOT}/configs/care.py"
+
+
+def test_only_faults_that_may_pass_are_transient():
+  """Exit 75 makes a scheduler requeue: only I/O faults that may pass earn it; a permission,
+  a missing file or a device out of memory would fail the same way again."""
+  transient = [OSError(errno.EIO, "Input/output error"), OSError(errno.ESTALE, "Stale"),
+               ValueError("UNAVAILABLE: the object store did not answer"),
+               ValueError("DEADLINE_EXCEEDED: read timed out")]
+  failed = [PermissionError(errno.EACCES, "Permission denied"),
+            ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"),
+            ValueError("Structure of the checkpoint does not match")]
+  for cause in transient + failed:
+    error = RuntimeError("orbax: restore failed")
+    error.__cause__ = cause
+    assert checkpointing._outcome(error) == (checkpointing._TRANSIENT if cause in transient
+                                             else checkpointing._FAILED), cause

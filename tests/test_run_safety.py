@@ -95,7 +95,6 @@ def _status(error, tmp_path, capsys):
     (errors.UserError("set --config.x"), 2),
     (divergence.Diverged("Training diverged at step 3"), 65),
     (errors.WriteFailed("/runs/a/checkpoints/4", "no space left on the device"), 74),
-    (errors.TransientError("the file system lags"), 75),
     (run_safety.Stopped(8), 75)])
 def test_each_class_of_error_has_its_exit_status_and_one_line(tmp_path, capsys, error, status):
   code, lines = _status(error, tmp_path, capsys)
@@ -152,3 +151,23 @@ def test_write_failures_are_recognised_through_orbax_and_tensorstore():
     assert errors.write_failure_reason(e) == "no space left on the device"
   assert errors.write_failure_reason(OSError(errno.EROFS, "x")) == "read-only file system"
   assert errors.write_failure_reason(FileNotFoundError(2, "No such file", "/a")) is None
+
+
+def test_a_refused_write_no_caller_named_still_exits_74(tmp_path, capsys):
+  """A library's own file (tfds preparing a dataset, the profiler's trace) fails to write:
+  not a traceback, the write-failure status and line."""
+  library = RuntimeError("preparing the dataset failed")
+  library.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+  code, lines = _status(library, tmp_path, capsys)
+  assert code == 74 and len(lines) == 1
+  assert lines[0].startswith(f"error: cannot write to {tmp_path}: writing a file failed (no "
+                             "space left on the device).")
+  # A setting to fix stays one, whatever its words.
+  code, _ = _status(errors.UserError("Cannot write to --workdir x (Read-only file system)"),
+                    tmp_path, capsys)
+  assert code == 2
+
+
+def test_a_transient_fault_leaves_the_marker_for_launchers(tmp_path, capsys):
+  code, _ = _status(errors.TransientError("the file system lags"), tmp_path, capsys)
+  assert code == 75 and (tmp_path / run_safety.MARKER).read_text().startswith("the file")

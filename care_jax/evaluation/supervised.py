@@ -113,8 +113,9 @@ class SupervisedRun:
                                             or (step // steps_per_epoch) % eval_every_epochs == 0)
 
     def save(mgr, step, state):
+      # A copy: orbax writes the JSON later, in its own thread, and the history grows.
       checkpointing.save_items(mgr, step, state=ocp.args.StandardSave(state),
-                               progress=ocp.args.JsonSave({"history": history,
+                               progress=ocp.args.JsonSave({"history": list(history),
                                                            "source": self._source}))
 
     def keep(step, evaluation):

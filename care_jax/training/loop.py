@@ -11,6 +11,7 @@ steps).
 import contextlib
 import datetime
 import logging
+import pathlib
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -140,7 +141,7 @@ class Checkpoints:
   def stop(self, step: int, state, source: str):
     """Saves `state` (if not yet), waits for the save and raises Stopped."""
     self.save(step, state)
-    with checkpointing.writing(checkpointing.checkpoint_dir(self.mgr.directory)):
+    with checkpointing.writing(pathlib.Path(self.mgr.directory) / str(step)):
       self.mgr.wait_until_finished()
     raise run_safety.Stopped(step, source)
 
