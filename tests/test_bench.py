@@ -112,8 +112,9 @@ def test_step_bench_takes_config_overrides_and_refuses_unknown_fields(capsys):
                                 "--config.no_such=1")
   assert code == 2 and err.startswith("error: unknown config field(s) no_such. Valid ")
   code, result, err = run_bench(capsys, "step", "--config=configs/care.py:tiny",
-                                "--config.precision=3")
-  assert code == 2 and "precision must be of type str, got 3" in err
+                                "--config.global_batch_size=big")
+  assert code == 2 and err.count("\n") == 1
+  assert "global_batch_size must be of type int, got 'big'" in err
 
 
 def test_step_bench_refuses_a_batch_below_one(capsys):
