@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from care_jax import checkpointing, run_safety
 
-EXIT_STATUS = 65  # EX_DATAERR in sysexits.h: the run's numbers went bad; change a setting
+EXIT_STATUS = run_safety.EXIT_DIVERGED  # 65, EX_DATAERR: the numbers went bad; change a setting
 MARKER = "DIVERGED"
 MIN_LOSS_SCALE = 1.0
 # Settings a rerun may change to resume a diverged run from its newest checkpoint.
