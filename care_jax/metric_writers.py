@@ -25,18 +25,25 @@ except ImportError:  # No clu, or clu without tensorflow.
 HAVE_CLU = _clu_writers is not None
 
 
-class _LogWriter:
-  """Scalars as one log line per call, as clu's LoggingWriter writes them."""
+class NullWriter:
+  """Writes nothing: what processes other than 0 write to TensorBoard."""
 
   def write_scalars(self, step: int, scalars) -> None:
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}"
-                                            for k, v in sorted(scalars.items())))
+    pass
 
   def flush(self) -> None:
     pass
 
   def close(self) -> None:
     pass
+
+
+class _LogWriter(NullWriter):
+  """Scalars as one log line per call, as clu's LoggingWriter writes them."""
+
+  def write_scalars(self, step: int, scalars) -> None:
+    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}"
+                                            for k, v in sorted(scalars.items())))
 
 
 class _EventWriter:
@@ -84,19 +91,6 @@ class _Writers:
   def close(self) -> None:
     for writer in self._writers:
       writer.close()
-
-
-class NullWriter:
-  """Writes nothing: what processes other than 0 write to TensorBoard."""
-
-  def write_scalars(self, step: int, scalars) -> None:
-    pass
-
-  def flush(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 class _NamingWriteFailures:
@@ -148,7 +142,8 @@ class Profile:
     self._stop = first_profile + num_profile_steps
     self._tracing = False
 
-  def __call__(self, step: int) -> None:
+  def __call__(self, step: int, state=None, metrics=None) -> None:
+    """A training-loop hook (training.loop): only the step matters here."""
     if step == self._start:
       jax.profiler.start_trace(self._logdir)
       self._tracing = True

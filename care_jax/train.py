@@ -104,8 +104,8 @@ def _train(config, workdir, safety, mgr, setup, guard, monitor, mesh, state, sch
                                  due=mgr.should_save, check_state=guard.check_state)
   hooks = [loop.Progress(start_step, total_steps, writer)]
   if config.profile_steps > 0 and jax.process_index() == 0:
-    hooks.append(loop.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                              first_profile=start_step + config.log_every_steps))
+    hooks.append(metric_writers.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                        first_profile=start_step + config.log_every_steps))
   hooks += [metrics, checkpoints]
   evaluations = None
   if monitor is not None:

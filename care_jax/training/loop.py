@@ -4,9 +4,9 @@ A mode brings a step function, its state, its batches and a list of hooks; `run`
 the steps and calls each hook after each, in order. Steps are counted on the host: the
 loop never reads the state's step counter back from the device. The hooks are what a run
 does between steps: the progress line, metrics, the checkpoint and stop requests, the
-evaluations, the profile. The order the modes use: Progress, Profile, Metrics,
-Checkpoints, Evaluations (an evaluation runs after the save, so one that fails costs no
-steps).
+evaluations, the profile (metric_writers.Profile). The order the modes use: Progress,
+Profile, Metrics, Checkpoints, Evaluations (an evaluation runs after the save, so one that
+fails costs no steps).
 """
 import contextlib
 import datetime
@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 
-from care_jax import checkpointing, metric_writers, parallel, run_safety
+from care_jax import checkpointing, parallel, run_safety
 
 
 def run(state, step_fn: Callable, batches: Iterator, *, start: int, stop: int,
@@ -183,10 +183,3 @@ class Evaluations:
 def describe(evaluation: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                    for k, v in evaluation.items())
-
-
-class Profile(metric_writers.Profile):
-  """metric_writers.Profile as a loop hook."""
-
-  def __call__(self, step: int, state=None, metrics=None) -> None:
-    super().__call__(step)
