@@ -4,12 +4,15 @@
                                                  next to the release's two-view transforms
                                                  on the same files
   python -m care_jax.bench step [--config=configs/care.py:r50_100ep --batch_per_device=128
-                                 --config.precision=...]
+                                 --config.precision=... --no_augmentation]
                                                  the jitted train step on synthetic crops,
                                                  next to the same step without the T-stream:
                                                  pairs/s (and per device), FLOPs/pair,
                                                  TFLOP/s, fraction of the card's rate, peak
-                                                 memory per device
+                                                 memory per device; with R50 at 224 px,
+                                                 no augmentation and the release checked
+                                                 out in external/CARE, the release's step
+                                                 and the ratio
   python -m care_jax.bench scaling [--config=configs/care.py:r50_100ep --batch_per_device=4
                                     --devices=1,2,4,8]
                                                  the step (--programs=all: every program
@@ -25,7 +28,9 @@ slow down or break another.
 import argparse
 import json
 import os
+import pathlib
 import platform
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -276,9 +281,10 @@ def _step_figures(global_batch: int, median: float, flops: Optional[float],
 
 
 def bench_step(args) -> dict:
-  """Median time of the jitted step (device augmentation + train step) on synthetic uint8
-  crops, for the CARE network and, in the same process, the same step with no T-stream
-  blocks (the T-head on pooled layer3: about the cost of plain BYOL plus one head).
+  """Median time of the jitted step (device augmentation, unless --no_augmentation, + train
+  step) on synthetic uint8 crops, for the CARE network and, in the same process, the same
+  step with no T-stream blocks (the T-head on pooled layer3: about the cost of plain BYOL
+  plus one head); then, where it does the same work, the release's step (_beside_release).
 
   FLOPs are XLA's count for the timed program itself (augmentation included), from the
   lowered program or, where the backend gives none there (JAX 0.11 on CUDA), the compiled
@@ -311,7 +317,40 @@ def bench_step(args) -> dict:
     result["t_stream_share_of_step"] = round(
         1 - results["without_t_stream"]["step_seconds_median"]
         / results["care"]["step_seconds_median"], 3)
+  if "care" in results:
+    result.update(_beside_release(args, config, devices, results["care"]))
   return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
+
+
+# care_jax's precision -> experiments/release_step.py's --amp: the same arithmetic.
+RELEASE_AMP = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _beside_release(args, config, devices: int, care: dict) -> dict:
+  """The release's step on the same batch and arithmetic, timed after ours in a separate
+  process (experiments/release_step.py on a checkout in --release_dir), and care_jax's
+  pairs/s over the release's; {} where there is nothing to compare with: the release is
+  ResNet-50 at 224 px on one device, and its step has no augmentation (--no_augmentation)."""
+  script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "release_step.py"
+  same_work = (config.model.arch == "resnet50" and config.model.width == 1 and devices == 1
+               and config.data.image_size == 224 and args.no_augmentation)
+  if not same_work or not script.exists() or not os.path.isfile(
+      os.path.join(args.release_dir, "models", "care_module.py")):
+    return {}
+  command = [sys.executable, str(script), f"--release_dir={args.release_dir}",
+             f"--batch={args.batch_per_device}", f"--amp={RELEASE_AMP[config.precision]}",
+             f"--steps={args.steps}", f"--warmup={args.warmup}"]
+  print("release:", " ".join(command[1:]), flush=True)
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    return {"release": {"command": " ".join(command[1:]),
+                        "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}}
+  release = json.loads(done.stdout.strip().splitlines()[-1])
+  ratio = release["step_seconds_median"] / care["step_seconds_median"]
+  print(f"release: {release['image_pairs_per_sec']} image pairs/s, median step "
+        f"{1000 * release['step_seconds_median']:.1f} ms; care_jax / release: {ratio:.2f}x",
+        flush=True)
+  return {"release": release, "care_over_release": round(ratio, 3)}
 
 
 def _check_step_args(args) -> list:
@@ -356,7 +395,7 @@ def _measure_step(args, variant: str, mesh, peak, first: bool) -> dict:
       0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8)
   batch = parallel.host_to_global(mesh, {"view1": crops, "view2": crops})
   start = time.perf_counter()
-  lowered = setup.jitted_step(mesh).lower(state, batch)
+  lowered = setup.jitted_step(mesh, augmentation=not args.no_augmentation).lower(state, batch)
   train_step = lowered.compile(
       compiler_options=pretraining.FAST_COMPILE if args.fast_compile else None)
   compile_seconds = time.perf_counter() - start
@@ -536,6 +575,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--fast_compile", action="store_true",
                  help="compile without XLA's backend optimisations: a quicker start and a "
                       "slower step, for smoke tests of this command only")
+  p.add_argument("--no_augmentation", action="store_true",
+                 help="time the step on normalised crops, without the device augmentation: "
+                      "the work the release's step (experiments/release_step.py) is timed on")
+  p.add_argument("--release_dir", default="external/CARE",
+                 help="a checkout of the authors' release (never committed): with R50 at "
+                      "224 px, one device and --no_augmentation, its step is timed after "
+                      "ours on the same batch and arithmetic, and the ratio reported")
   p.set_defaults(run=bench_step)
 
   p = commands.add_parser("scaling", **presets,

@@ -214,3 +214,47 @@ def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
   assert "all-reduce" in result["by_device_count"]["2"]["pretrain_step"]["collectives"]
   ratio = result["per_device_temp_relative_to_fewest"]["pretrain_step"]
   assert ratio["1"] == 1.0 and 0.5 < ratio["2"] < 1.5, ratio
+
+
+def test_release_is_timed_beside_ours_only_on_the_same_work(tmp_path, monkeypatch):
+  """R50 at 224 px on one device without augmentation, a checkout present: the release's
+  step runs with our batch, arithmetic and step counts, and the ratio is pairs/s over its."""
+  from care_jax import cli
+  release_dir = tmp_path / "CARE"
+  (release_dir / "models").mkdir(parents=True)
+  (release_dir / "models" / "care_module.py").write_text("")
+  calls = []
+
+  def fake_run(command, **kwargs):
+    calls.append(command)
+    out = json.dumps({"step_seconds_median": 6.0, "image_pairs_per_sec": 1.3})
+    return subprocess.CompletedProcess(command, 0, stdout="figures\n" + out + "\n", stderr="")
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  args = bench._parser().parse_args(["step", "--batch_per_device=8", "--steps=4", "--warmup=1",
+                                     "--no_augmentation", f"--release_dir={release_dir}"])
+  config = cli.config_from_spec("configs/care.py:r50_100ep")
+  figures = bench._beside_release(args, config, 1, {"step_seconds_median": 5.0})
+  assert figures["care_over_release"] == 1.2 and figures["release"]["image_pairs_per_sec"] == 1.3
+  assert calls[0][2:] == [f"--release_dir={release_dir}", "--batch=8", "--amp=fp32",
+                          "--steps=4", "--warmup=1"]
+  config.precision = "bfloat16"
+  bench._beside_release(args, config, 1, {"step_seconds_median": 5.0})
+  assert calls[1][4] == "--amp=bf16"
+
+  # Not the same work, or no checkout: nothing is run.
+  small = cli.config_from_spec("configs/care.py:tiny")
+  assert bench._beside_release(args, small, 1, {"step_seconds_median": 5.0}) == {}
+  assert bench._beside_release(args, config, 2, {"step_seconds_median": 5.0}) == {}
+  args.no_augmentation = False
+  assert bench._beside_release(args, config, 1, {"step_seconds_median": 5.0}) == {}
+  args.no_augmentation, args.release_dir = True, str(tmp_path / "missing")
+  assert bench._beside_release(args, config, 1, {"step_seconds_median": 5.0}) == {}
+  assert len(calls) == 2
+
+  # A release that fails says why, in the figures, instead of stopping the benchmark.
+  args.release_dir = str(release_dir)
+  monkeypatch.setattr(bench.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+      command, 1, stdout="", stderr="Traceback\nModuleNotFoundError: No module named 'timm'\n"))
+  failed = bench._beside_release(args, config, 1, {"step_seconds_median": 5.0})
+  assert failed["release"]["error"] == "ModuleNotFoundError: No module named 'timm'"

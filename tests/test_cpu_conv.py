@@ -48,3 +48,36 @@ def test_matches_xla_convolution_and_its_gradients(case):
   if jax.default_backend() == "cpu" and (k == 1 or got.shape[1] * got.shape[2] <= 4):
     assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the fast form
 
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_padding_given_as_text_takes_the_same_forms(kernel):
+  """flax passes its default padding as "SAME": a 1x1 conv must still be a matrix product."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 5, 6), np.float32)
+  w = rng.standard_normal((kernel, kernel, 6, 4), np.float32)
+  ours = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                    precision=lax.Precision.HIGHEST)
+  want = reference(x, w, (1, 1), "SAME")
+  np.testing.assert_allclose(quick_jit(ours, x, w), want, rtol=1e-5, atol=1e-5)
+  if jax.default_backend() == "cpu" and kernel == 1:
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))
+
+
+def test_max_pool_and_its_gradient_match_flax_ties_included():
+  import flax.linen as nn
+  rng = np.random.default_rng(2)
+  # After a ReLU most windows tie at 0; a tie's gradient goes to the window's first max.
+  x = np.maximum(rng.standard_normal((2, 9, 8, 3), np.float32), 0)
+  x[:, :, :, 1] = 1.0
+  g = rng.standard_normal((2, 5, 4, 3), np.float32)
+
+  def both(x):
+    ours = jax.vjp(lambda x: cpu_conv.max_pool(x, window=3, stride=2, pad=1), x)
+    theirs = jax.vjp(lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))), x)
+    return [(out, vjp(g)[0]) for out, vjp in (ours, theirs)]
+
+  (got, got_grad), (want, want_grad) = quick_jit(both, x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+  assert np.count_nonzero(got_grad[..., 1]) == got.shape[1] * got.shape[2] * 2

@@ -1,11 +1,13 @@
-"""Convolutions in the forms XLA:CPU runs fastest; other backends get XLA's own. Every
-form computes the same convolution; only the order of summation differs.
+"""Convolutions and max-pooling in the forms XLA:CPU runs fastest; other backends get
+XLA's own. Every form computes the same result; only the order of summation differs.
 
 Why (figures in docs/benchmarks.md, "Convolution forms on a CPU"):
 - a 3x3 conv whose output map is 2x2 (layer4 of the demo's trunk) is an order of magnitude
   faster written as one matrix product over the nine shifted inputs (im2col): XLA:CPU's
   convolution is slow on tiny maps;
-- a 1x1 conv is a matrix product; written as one it is several times faster;
+- a 1x1 conv is a matrix product; written as one it is several times faster (flax passes
+  its default padding as "SAME": it is resolved here, so 1x1 convs take this form), and
+  its weight gradient transposes the input by a plain copy (_matmul);
 - XLA:CPU lowers the weight gradient of a conv with few input channels to a slow generic
   loop, where one matrix product per kernel tap is faster; from 64 channels on the native
   one is faster.
@@ -28,12 +30,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None):
   """Drop-in for lax.conv_general_dilated, as flax's nn.Conv calls it (NHWC/HWIO)."""
   plain = (jax.default_backend() != "cpu" or feature_group_count != 1
-           or isinstance(padding, str)
            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())))
   if plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision)
+  if isinstance(padding, str):  # flax's default "SAME", e.g. for every 1x1 conv
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   strides, padding = tuple(window_strides), tuple(tuple(p) for p in padding)
   kh, kw = rhs.shape[:2]
   ho, wo = _output_size(lhs.shape[1:3], (kh, kw), strides, padding)
@@ -59,13 +62,38 @@ def _shifted_inputs(x, kernel, strides, padding, output_size):
 
 
 def _im2col_conv(x, w, strides, padding, output_size, precision):
-  """All taps side by side ([N*Ho*Wo, kh*kw*C]) times the kernel as a [kh*kw*C, O] matrix;
-  autodiff turns it into matrix products and slices, which XLA:CPU also runs well."""
+  """All taps side by side ([N*Ho*Wo, kh*kw*C]) times the kernel as a [kh*kw*C, O] matrix."""
   taps = _shifted_inputs(x, w.shape[:2], strides, padding, output_size)
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  out = jnp.matmul(patches.reshape(-1, patches.shape[-1]), w.reshape(-1, w.shape[-1]),
-                   precision=precision)
+  out = _matmul(patches.reshape(-1, patches.shape[-1]),
+                _varying_like(w.reshape(-1, w.shape[-1]), x), precision)
   return out.reshape(x.shape[0], *output_size, w.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, precision):
+  """x @ w, whose weight gradient x.T @ g transposes x on its own.
+
+  Left to itself, XLA:CPU fuses that transpose into the elementwise ops that recompute x
+  (BatchNorm, ReLU, the residual sum), and such a fusion writes transposed rows at a
+  fraction of memory speed: a fifth of the R50 step. Behind an optimisation barrier x is
+  computed in its own layout first and transposed by a plain copy.
+  """
+  return jnp.matmul(x, w, precision=precision)
+
+
+def _matmul_fwd(x, w, precision):
+  return _matmul(x, w, precision), (x, w)
+
+
+def _matmul_bwd(precision, residuals, g):
+  x, w = residuals
+  dx = jnp.matmul(g, w.T, precision=precision)
+  x, g = lax.optimization_barrier((x, g))
+  return dx, jnp.matmul(x.T, g, precision=precision)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _native(x, w, strides, padding):
@@ -107,3 +135,54 @@ def _conv_bwd(strides, padding, residuals, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def max_pool(x, window: int, stride: int, pad: int):
+  """nn.max_pool(x, (window,) * 2, (stride,) * 2, ((pad, pad),) * 2) on NHWC. XLA:CPU
+  expands max-pooling's gradient into index-tracking reductions over [5, *x.shape] iotas
+  (a tenth of the R50 step); here it is one mask and one strided add per tap."""
+  if jax.default_backend() != "cpu":
+    import flax.linen as nn  # noqa: PLC0415
+    return nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))
+  return _max_pool(x, window, stride, pad)
+
+
+def _pool_taps(x, window, stride, pad):
+  padding = ((pad, pad), (pad, pad))
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  ho, wo = _output_size(x.shape[1:3], (window, window), (stride, stride), padding)
+  taps = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(window) for j in range(window)]
+  return xp.shape, taps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, pad):
+  return functools.reduce(jnp.maximum, _pool_taps(x, window, stride, pad)[1])
+
+
+def _max_pool_fwd(x, window, stride, pad):
+  out = _max_pool(x, window, stride, pad)
+  return out, (x, out)
+
+
+def _max_pool_bwd(window, stride, pad, residuals, g):
+  """Each output's gradient to the first tap (row-major in the window) holding the max,
+  as XLA's select-and-scatter does."""
+  x, out = residuals
+  padded_shape, taps = _pool_taps(x, window, stride, pad)
+  taken = jnp.zeros(out.shape, bool)
+  dx = jnp.zeros(padded_shape, g.dtype)
+  ho, wo = out.shape[1:3]
+  for t, tap in enumerate(taps):
+    i, j = divmod(t, window)
+    hit = (tap == out) & ~taken
+    taken = taken | hit
+    # The tap's gradients spread back to the padded input: stride - 1 zeros between them.
+    spread = ((0, 0, 0), (i, padded_shape[1] - i - stride * (ho - 1) - 1, stride - 1),
+              (j, padded_shape[2] - j - stride * (wo - 1) - 1, stride - 1), (0, 0, 0))
+    dx = dx + lax.pad(jnp.where(hit, g, 0).astype(g.dtype), jnp.zeros((), g.dtype), spread)
+  return (dx[:, pad:pad + x.shape[1], pad:pad + x.shape[2], :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

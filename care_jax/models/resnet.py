@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from care_jax.errors import UserError
+from care_jax.models import cpu_conv
 from care_jax.models.layers import batch_norm, conv
 
 # name -> (block type, blocks per stage)
@@ -90,11 +91,11 @@ class ResNet(nn.Module):
       x = conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
       if self.small_stem_pool:
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = cpu_conv.max_pool(x, window=3, stride=2, pad=1)
     else:
       x = conv(self.channels, (7, 7), (2, 2), padding=3, dtype=self.dtype, name="conv1")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = cpu_conv.max_pool(x, window=3, stride=2, pad=1)
     stages = []
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
