@@ -16,6 +16,7 @@ saves.
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -76,7 +77,7 @@ def _matmul(x, w, precision):
 
   Left to itself, XLA:CPU fuses that transpose into the elementwise ops that recompute x
   (BatchNorm, ReLU, the residual sum), and such a fusion writes transposed rows at a
-  fraction of memory speed: a fifth of the R50 step. Behind an optimisation barrier x is
+  fraction of memory speed (docs/benchmarks.md). Behind an optimisation barrier x is
   computed in its own layout first and transposed by a plain copy.
   """
   return jnp.matmul(x, w, precision=precision)
@@ -140,9 +141,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def max_pool(x, window: int, stride: int, pad: int):
   """nn.max_pool(x, (window,) * 2, (stride,) * 2, ((pad, pad),) * 2) on NHWC. XLA:CPU
   expands max-pooling's gradient into index-tracking reductions over [5, *x.shape] iotas
-  (a tenth of the R50 step); here it is one mask and one strided add per tap."""
+  (docs/benchmarks.md); here it is one mask and one strided add per tap."""
   if jax.default_backend() != "cpu":
-    import flax.linen as nn  # noqa: PLC0415
     return nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))
   return _max_pool(x, window, stride, pad)
 
