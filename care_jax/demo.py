@@ -162,7 +162,7 @@ def _not_yet_ahead(results: dict, preset: str, margin: float) -> list:
   first = (f"Pretraining is learning: over its {epochs:g} epochs the {' and the '.join(rises)} "
            "rose on the test images." if rises else
            f"This run pretrained for {epochs:g} epochs, too few to judge by its curves.")
-  longer = ("--config=configs/care.py:fmnist_cpu (10.7 epochs) and, on a GPU, fmnist_gpu "
+  longer = ("--config=configs/care.py:fmnist_cpu (12 epochs) and, on a GPU, fmnist_gpu "
             "(100) are ahead of it" if preset == "fmnist_demo" else "a longer run is needed")
   return [first, f"{epochs:g} epochs are too few for the linear probe to pass random init "
                  f"({100 * margin:+.1f} points); {longer}: docs/fashion_mnist.md has the "
@@ -178,14 +178,17 @@ def run_demo(workdir: pathlib.Path, config, preset: str, max_pretrain_seconds: f
   record = StageRecord(workdir, {"preset": preset, "config": json.loads(config.to_json())})
   results = {"preset": preset, "device": jax.devices()[0].device_kind,
              "date": datetime.date.today().isoformat(),
-             "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:])}
+             "command": " ".join(["python -m care_jax.demo"] + sys.argv[1:]),
+             "knn_k": config.monitor.knn_k}
   results.update(_pretrain_stage(config, preset, workdir, record, max_pretrain_seconds, safety))
   if "knn_top1" in results:
     print(f"After pretraining: kNN top-1 {results['knn_top1']:.4f}, online probe top-1 "
           f"{results.get('online_probe_top1', float('nan')):.4f} on the test images", flush=True)
   results.update(_probe_stages(config, workdir, record, safety))
+  results.update(_raw_pixels_knn_stage(config, record, safety))
   results["total_seconds"] = round(results["pretrain_seconds"] + sum(
-      results[key.replace("top1", "seconds")] for _, key, _ in STAGES), 1)
+      results[key.replace("top1", "seconds")] for _, key, _ in STAGES)
+      + results["raw_pixels_knn_seconds"], 1)
   if preset == "fmnist_gpu":
     results["targets_met"] = targets_met(results)
   lines = conclusion(results, preset)
@@ -201,7 +204,7 @@ def _pretrain_stage(config, preset, workdir, record, max_seconds, safety) -> dic
   steps_per_epoch, total_steps = train.schedule_length(
       config, input_pipeline.dataset_info(config.data).num_train_examples)
   model = config.model
-  banner(f"1/4 Pretraining CARE ({model.arch} width {model.channels} + "
+  banner(f"1/5 Pretraining CARE ({model.arch} width {model.channels} + "
          f"{model.t_stream.num_blocks}-block T-stream, {config.precision}) on Fashion-MNIST, "
          f"{config.data.image_size} px, {total_steps / steps_per_epoch:.3g} epochs (preset "
          f"{preset}); progress, loss terms and ETA below")
@@ -220,7 +223,7 @@ def _probe_stages(config, workdir, record, safety) -> dict:
   from care_jax.evaluation import linear  # noqa: PLC0415
   results = {}
   for i, (encoder, key, description) in enumerate(STAGES, start=2):
-    banner(f"{i}/4 Linear evaluation of {description}")
+    banner(f"{i}/5 Linear evaluation of {description}")
     if encoder not in record.stages:
       t = time.monotonic()
       eval_config = config.copy_and_resolve_references()
@@ -237,13 +240,41 @@ def _probe_stages(config, workdir, record, safety) -> dict:
   return results
 
 
+def _raw_pixels_knn_stage(config, record, safety) -> dict:
+  """The kNN of raw pixels with the monitor's k, temperature and bank: the baseline of the
+  pretrained encoder's kNN."""
+  from care_jax import parallel  # noqa: PLC0415
+  from care_jax.data import input_pipeline  # noqa: PLC0415
+  from care_jax.evaluation import knn, linear  # noqa: PLC0415
+  m = config.monitor
+  banner(f"5/5 kNN of raw pixels (k={m.knn_k}, temperature {m.knn_temperature}, the "
+         "monitor's bank)")
+  if "raw_pixels_knn" not in record.stages:
+    t = time.monotonic()
+    mesh = parallel.create_mesh()
+    info = input_pipeline.dataset_info(config.data)
+    features_fn, _ = linear.encoder_features(config, {"encoder": "raw_pixels"},
+                                             config.data.image_size, mesh)
+    top1 = knn.top1(features_fn, config.data, mesh, k=m.knn_k, temperature=m.knn_temperature,
+                    num_classes=info.num_classes, safety=safety,
+                    bank=knn.bank_indices(info.num_train_examples, m.knn_bank_size,
+                                          config.seed))
+    record.finish("raw_pixels_knn", {"raw_pixels_knn_top1": top1,
+                                     "raw_pixels_knn_seconds": round(time.monotonic() - t, 1)})
+  out = record.stages["raw_pixels_knn"]
+  print(f"raw pixels: kNN top-1 {out['raw_pixels_knn_top1']:.4f}", flush=True)
+  return out
+
+
 def _print_results(results: dict, workdir: pathlib.Path, lines: list) -> None:
   banner("Results (top-1 on the 10,000 test images, final epoch of the linear probe)")
   for _, key, description in STAGES:
     print(f"  {description:<45} {results[key]:.4f}")
+  k = results["knn_k"]
   if "knn_top1" in results:
-    print(f"  {'kNN (k=200) on the pretrained encoder':<45} {results['knn_top1']:.4f} "
+    print(f"  {f'kNN (k={k}) on the pretrained encoder':<45} {results['knn_top1']:.4f} "
           f"(epoch {results['knn_epoch']:g})")
+  print(f"  {f'kNN (k={k}) on raw pixels':<45} {results['raw_pixels_knn_top1']:.4f}")
   for key, name in (("knn_curve", "kNN top-1"), ("online_probe_curve", "online probe top-1")):
     if results.get(key):
       print(f"  {name} over the run (epoch: top-1): "
@@ -266,7 +297,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
   config_flags.DEFINE_config_file(
       "config", None, "configs/care.py:PRESET (default: fmnist_gpu when JAX sees a GPU, "
-      "else fmnist_demo; fmnist_cpu: 10.7 epochs on a CPU); --config.FIELD=VALUE changes a "
+      "else fmnist_demo; fmnist_cpu: 12 epochs on a CPU); --config.FIELD=VALUE changes a "
       "field (docs/config.md).")
   flags.DEFINE_float("max_pretrain_seconds", 0, "> 0: stop pretraining after this long (a "
                      "checkpoint is saved) and probe what it reached.")

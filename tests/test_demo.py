@@ -145,16 +145,27 @@ def test_a_rerun_keeps_the_finished_stages_and_refuses_other_settings(tmp_path, 
       raise run_safety.Stopped(7)  # the first run is stopped in the second probe
     return {"final_top1": 0.5, "best_top1": 0.6}
 
+  def fake_knn_top1(features_fn, data, mesh, *, k, temperature, num_classes, bank, safety):
+    calls.append("raw_pixels_knn")
+    assert (k, temperature, num_classes, len(bank)) == (200, 0.07, 10, 10_000)  # the monitor's
+    return 0.42
+
   monkeypatch.setattr(train, "pretrain", fake_pretrain)
   monkeypatch.setattr(linear, "evaluate", fake_evaluate)
   from care_jax.data import input_pipeline
+  from care_jax.evaluation import knn
+  monkeypatch.setattr(knn, "top1", fake_knn_top1)
   monkeypatch.setattr(input_pipeline, "dataset_info", lambda data: types.SimpleNamespace(
-      num_train_examples=64))
+      num_train_examples=60_000, num_classes=10))
   with pytest.raises(run_safety.Stopped):
     demo.run_demo(tmp_path, config(1), "fmnist_demo")
   assert calls == ["pretrain", "pretrained", "random_init"]
   results = demo.run_demo(tmp_path, config(1), "fmnist_demo")
-  assert calls[3:] == ["random_init", "raw_pixels"]  # the finished stages were kept
+  # The finished stages were kept.
+  assert calls[3:] == ["random_init", "raw_pixels", "raw_pixels_knn"]
   assert results["linear_top1"] == results["raw_pixels_linear_top1"] == 0.5
+  assert results["raw_pixels_knn_top1"] == 0.42
+  demo.run_demo(tmp_path, config(1), "fmnist_demo")
+  assert len(calls) == 6  # a finished demo runs nothing again
   with pytest.raises(errors.UserError, match="holds a demo run with other settings"):
     demo.run_demo(tmp_path, config(2), "fmnist_demo")

@@ -184,3 +184,29 @@ def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image
   assert 0 <= metrics["knn_top1"] <= 1
   assert any(r.getMessage().startswith("evaluation at step 3: knn_top1 ")
              for r in caplog.records)
+
+
+def test_knn_top1_of_raw_pixels_matches_a_plain_count_over_the_bank_sample(image_folder):
+  """The demo's baseline: knn.top1 of any encoder, here raw pixels, against a bank sample."""
+  from care_jax import parallel, run_safety
+  from care_jax.evaluation import features, linear
+  config = load_config("tiny")
+  config.data.update(name="image_folder", folder_root=image_folder, eval_split="test")
+  mesh = parallel.create_mesh()
+  pixels, _ = linear.encoder_features(config, {"encoder": "raw_pixels"},
+                                      config.data.image_size, mesh)
+  bank = knn.bank_indices(64, 40, seed=0)
+  got = knn.top1(pixels, config.data, mesh, k=5, temperature=0.07, num_classes=2, bank=bank,
+                 safety=run_safety.RunSafety())
+
+  def split(name, indices=None):
+    parts = [jax.device_get(p) for p in features.apply_to_split(pixels, config.data, name, mesh,
+                                                                indices)]
+    feats, labels, mask = (np.concatenate(x) for x in zip(*parts))
+    return feats[mask], labels[mask]
+
+  bank_feats, bank_labels = split("train", bank)
+  assert len(bank_feats) == 40
+  queries, labels = split("test")
+  want = np.mean(brute_force_knn(queries, bank_feats, bank_labels, 5, 0.07, 2) == labels)
+  assert got == pytest.approx(want) and len(queries) == 16

@@ -115,3 +115,19 @@ class Knn:
   def correct(self, queries, labels, mask):
     """Correctly classified valid examples of one batch (a replicated scalar)."""
     return self._count(queries, labels, mask, *self._bank)
+
+
+def top1(features_fn, data_config, mesh, *, k: int, temperature: float, num_classes: int,
+         bank: Optional[np.ndarray], safety) -> float:
+  """kNN top-1 on the eval split of any encoder (features_fn: uint8 images -> [B, D]),
+  against the training examples `bank` (bank_indices): the monitor's protocol, for the
+  baselines a pretrained encoder's kNN is judged against (e.g. raw pixels)."""
+  classifier = Knn(mesh, k=k, temperature=temperature, num_classes=num_classes)
+  embed = functools.partial(features.apply_to_split, features_fn, data_config, mesh=mesh)
+  classifier.set_bank(list(embed(split=data_config.train_split, indices=bank)))
+  correct = total = jnp.zeros((), jnp.int32)
+  for feats, labels, mask in embed(split=data_config.eval_split):
+    correct += classifier.correct(feats, labels, mask)
+    total += jnp.sum(mask)
+    safety.check()
+  return int(correct) / int(total)
