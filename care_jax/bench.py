@@ -286,7 +286,7 @@ def bench_step(args) -> dict:
   step with no T-stream blocks (the T-head on pooled layer3: about the cost of plain BYOL
   plus one head); then, where it does the same work, the release's step (_beside_release).
 
-  FLOPs are XLA's count for the timed program itself (augmentation included), from the
+  FLOPs are XLA's count for the timed program itself (augmentation included if on), from the
   lowered program or, where the backend gives none there (JAX 0.11 on CUDA), the compiled
   one; null if neither has one, and the timing is reported all the same. The device keeps
   one peak memory per process: it is reported for the first variant only, next to the peak
