@@ -8,8 +8,9 @@
                                                  the jitted train step on synthetic crops,
                                                  next to the same step without the T-stream:
                                                  pairs/s (and per device), FLOPs/pair,
-                                                 TFLOP/s, fraction of the card's rate, peak
-                                                 memory per device; with R50 at 224 px,
+                                                 TFLOP/s, fraction of the card's rate (a
+                                                 CPU's: a matrix product timed in the run),
+                                                 peak memory per device; with R50 at 224 px,
                                                  no augmentation and the release checked
                                                  out in external/CARE, the release's step
                                                  and the ratio
@@ -257,14 +258,39 @@ def _config(args):
   return cli.config_from_spec(args.config, args.overrides)
 
 
-def peak_tflops(device_kind: str, given: float = 0.0):
-  """(TFLOP/s the step's rate is compared with, where that figure comes from)."""
+def peak_tflops(device_kind: str, given: float = 0.0, dtype: Optional[str] = None):
+  """(TFLOP/s the step's rate is compared with, where that figure comes from). A CPU has no
+  datasheet rate here: with `dtype`, one large matrix product in it is timed in this run."""
   if given:
     return given, "--peak_tflops"
   for name, rate in PEAK_TFLOPS.items():
     if name in device_kind:
       return rate, f"NVIDIA's datasheet dense bfloat16 rate of the {name}"
+  if device_kind == "cpu" and dtype:
+    return (matmul_tflops(dtype), f"a {dtype} {MATMUL_SIZE}x{MATMUL_SIZE} matrix product "
+            "timed in this run, the median of 5 (what XLA:CPU reaches at best here)")
   return None, f"unknown for {device_kind!r}: pass --peak_tflops"
+
+
+MATMUL_SIZE = 2048
+
+
+def matmul_tflops(dtype: str, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+  """TFLOP/s of one jitted size x size matrix product, median of `repeats` after one warm-up
+  (2 size^3 FLOPs each): this device's practical peak for the step's dense maths."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  product = jax.jit(jnp.matmul)
+  jax.block_until_ready(product(a, a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(product(a, a))
+    times.append(time.perf_counter() - start)
+  return float(f"{2 * size**3 / float(np.median(times)) / 1e12:.4g}")
 
 
 def _step_figures(global_batch: int, median: float, flops: Optional[float],
@@ -303,12 +329,12 @@ def bench_step(args) -> dict:
   mesh = parallel.create_mesh()
   devices = mesh.devices.size
   device_kind = jax.devices()[0].device_kind
-  peak, peak_basis = peak_tflops(device_kind, args.peak_tflops)
+  config = _config(args)
+  peak, peak_basis = peak_tflops(device_kind, args.peak_tflops, config.precision)
   results = {}
   for i, variant in enumerate(variants):
     results[variant] = _measure_step(args, variant, mesh, peak, first=i == 0)
     print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
-  config = _config(args)
   result = {"benchmark": "step", "config": args.config, "overrides": args.overrides,
             "precision": config.precision, "devices": devices, "device": device_kind,
             "batch_per_device": args.batch_per_device, "image_size": config.data.image_size,

@@ -3,6 +3,7 @@ what to fix when they cannot start."""
 import json
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,17 @@ def test_step_figures_with_and_without_flops():
   assert bench.peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
   assert bench.peak_tflops("cpu")[0] is None
   assert bench.peak_tflops("cpu", 0.2)[0] == 0.2
+
+
+def test_a_cpu_peak_is_a_matrix_product_timed_in_the_run(monkeypatch):
+  ticks = iter(range(1000))
+  monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+  # Each product takes one tick (1 s) of the fake clock: 2 x 64^3 FLOP/s.
+  assert bench.matmul_tflops("float32", size=64) == float(f"{2 * 64**3 / 1e12:.4g}")
+  monkeypatch.undo()
+  rate, basis = bench.peak_tflops("cpu", dtype="float32")
+  assert 0 < rate < 100 and "matrix product timed in this run" in basis
+  assert bench.peak_tflops("cpu", 0.2, "float32") == (0.2, "--peak_tflops")
 
 
 def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing():
