@@ -116,17 +116,27 @@ def targets_met(results: dict) -> dict:
                               >= GPU_TARGETS["over_raw_pixels"])}
 
 
+# One standard error of a top-1 near 0.84 on the 10,000 test images (about 0.37 points),
+# rounded up: closer than that to raw pixels, a probe is level with them, not ahead.
+SAMPLING_ERROR = 0.004
+
+
 def conclusion(results: dict, preset: str) -> list:
   """What the numbers show, in a few lines."""
   ours, random_init = results["linear_top1"], results["random_init_linear_top1"]
   raw = results["raw_pixels_linear_top1"]
   epochs = results["pretrain_epochs"]
   lines = []
-  if ours >= random_init + 0.03 and ours > raw:
+  if ours >= random_init + 0.03 and ours >= raw + SAMPLING_ERROR:
     lines.append(f"After {epochs:g} epochs the CARE-pretrained encoder is ahead of both "
                  f"baselines: {100 * (ours - random_init):+.1f} points over random init, "
                  f"{100 * (ours - raw):+.1f} over raw pixels; pretraining learned features "
                  "a linear classifier reads better than pixels.")
+  elif ours >= random_init + 0.03 and ours > raw - SAMPLING_ERROR:
+    lines.append(f"After {epochs:g} epochs the pretrained encoder is ahead of random init "
+                 f"({100 * (ours - random_init):+.1f} points) and level with raw pixels "
+                 f"({100 * (ours - raw):+.2f}, within the test set's sampling error of "
+                 f"{100 * SAMPLING_ERROR:.1f}): it needs more epochs to pass them.")
   elif ours >= random_init + 0.03:
     lines.append(f"After {epochs:g} epochs the pretrained encoder is ahead of random init "
                  f"({100 * (ours - random_init):+.1f} points) but not of raw pixels "

@@ -46,6 +46,12 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
   short = " ".join(demo.conclusion(results(0.88, 0.82, 0.84), "fmnist_gpu"))
   assert "not met: top1, over_random_init, over_raw_pixels" in short
   assert "but not of raw pixels" not in short  # 0.88 is above raw pixels
+  # Three test images above raw pixels is not ahead of them (fmnist_cpu, 2026-12-05).
+  level = " ".join(demo.conclusion(results(0.8370, 0.7765, 0.8367), "fmnist_cpu"))
+  assert "ahead of random init (+6.0 points) and level with raw pixels (+0.03" in level
+  assert "ahead of both" not in level
+  assert "but not of raw pixels (-0.5)" in " ".join(
+      demo.conclusion(results(0.8317, 0.7765, 0.8367), "fmnist_cpu"))
   # Behind random init: first what the run shows (its curves), then why and what is ahead.
   behind = demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43,
                                    knn_curve=[[0.21, 0.5723], [0.43, 0.5982]],
