@@ -120,6 +120,12 @@ class Networks:
 def trace(config, num_classes: int) -> Networks:
   """Traces the training step's and the fine-tuning step's backward passes at 2 and 4
   examples per device (a one-device mesh), so the per-example growth is exact."""
+  from care_jax.models import cpu_conv
+  with cpu_conv.xla_forms():  # the program of a GPU, wherever this runs
+    return _trace(config, num_classes)
+
+
+def _trace(config, num_classes: int) -> Networks:
   from care_jax import parallel
   from care_jax.evaluation import classifier
   from care_jax.training import pretraining, train_step

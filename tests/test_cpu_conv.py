@@ -81,3 +81,19 @@ def test_max_pool_and_its_gradient_match_flax_ties_included():
   np.testing.assert_array_equal(got, want)
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
   assert np.count_nonzero(got_grad[..., 1]) == got.shape[1] * got.shape[2] * 2
+
+
+def test_xla_forms_gives_xla_s_own_program_on_a_cpu():
+  """The run plan traces inside it: its residuals must be those of XLA:GPU's program."""
+  x = np.ones((2, 8, 8, 4), np.float32)
+  w = np.ones((1, 1, 4, 8), np.float32)
+  # New functions each time: JAX caches a function's trace, and the choice is made in it.
+  programs = {
+      "max_pool": lambda: jax.make_jaxpr(lambda x: cpu_conv.max_pool(x, 3, 2, 1))(x),
+      "conv": lambda: jax.make_jaxpr(lambda x: cpu_conv.conv_general_dilated(
+          x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x)}
+  for name, program in programs.items():
+    assert "custom_vjp" in str(program()), name
+    with cpu_conv.xla_forms():
+      assert "custom_vjp" not in str(program()), name
+    assert "custom_vjp" in str(program()), name

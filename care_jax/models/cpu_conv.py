@@ -14,6 +14,8 @@ Why (figures in docs/benchmarks.md, "Convolution forms on a CPU"):
 Larger maps keep XLA's convolution, where im2col would cost more memory traffic than it
 saves.
 """
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
@@ -24,13 +26,29 @@ from jax import lax
 _MAX_PER_TAP_CHANNELS = 32  # measured crossover of the per-tap weight gradient
 _MAX_IM2COL_OUTPUT_PIXELS = 4  # 2x2 maps: at 4x4 XLA's own conv is faster
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_XLA_FORMS = contextvars.ContextVar("xla_forms", default=False)
+
+
+@contextlib.contextmanager
+def xla_forms():
+  """Traces inside take XLA's own forms on a CPU too: the run plan models XLA:GPU's
+  program, whose residuals these CPU forms would change."""
+  token = _XLA_FORMS.set(True)
+  try:
+    yield
+  finally:
+    _XLA_FORMS.reset(token)
+
+
+def _cpu_forms() -> bool:
+  return jax.default_backend() == "cpu" and not _XLA_FORMS.get()
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None):
   """Drop-in for lax.conv_general_dilated, as flax's nn.Conv calls it (NHWC/HWIO)."""
-  plain = (jax.default_backend() != "cpu" or feature_group_count != 1
+  plain = (not _cpu_forms() or feature_group_count != 1
            or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())))
   if plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
@@ -142,7 +160,7 @@ def max_pool(x, window: int, stride: int, pad: int):
   """nn.max_pool(x, (window,) * 2, (stride,) * 2, ((pad, pad),) * 2) on NHWC. XLA:CPU
   expands max-pooling's gradient into index-tracking reductions over [5, *x.shape] iotas
   (docs/benchmarks.md); here it is one mask and one strided add per tap."""
-  if jax.default_backend() != "cpu":
+  if not _cpu_forms():
     return nn.max_pool(x, (window, window), (stride, stride), ((pad, pad), (pad, pad)))
   return _max_pool(x, window, stride, pad)
 
