@@ -147,9 +147,10 @@ def _fmnist_demo(c):
 def _fmnist_cpu(c):
   """The demo's network for 5,600 steps (12 epochs) instead of 200: long enough on a CPU
   for the encoder to pass its random initialisation clearly, sized for about 45 minutes on
-  2 AVX-512 cores (twice that on older AVX2 ones; figures in docs/fashion_mnist.md). Monitors and checkpoints about every epoch. LARS lr 2
-  (peak 1 at batch 128), not the demo's 8: over 600 steps it gave a better probe and kNN
-  (docs/fashion_mnist.md, "Choosing the CPU recipe").
+  2 AVX-512 cores (2.3 times that on older AVX2 ones; figures in docs/fashion_mnist.md).
+  Monitors and checkpoints about every epoch. LARS lr 2 (peak 1 at batch 128), not the
+  demo's 8: over 600 steps it gave a better probe and kNN (docs/fashion_mnist.md,
+  "Choosing the CPU recipe").
   """
   _fmnist_demo(c)
   c.num_train_steps = 5600
