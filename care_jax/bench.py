@@ -565,7 +565,15 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m care_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
+  from care_jax import cli
+  presets = dict(epilog=cli.presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+  _input_command(commands)
+  _step_command(commands, presets)
+  _scaling_command(commands, presets)
+  return parser
 
+
+def _input_command(commands) -> None:
   p = commands.add_parser("input", help="host side of the pretraining input pipeline")
   p.add_argument("--images", required=True,
                  help="folder of JPEGs or PNGs (searched recursively)")
@@ -580,8 +588,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="images to time the release's transforms on (one core); 0: skip")
   p.set_defaults(run=bench_input)
 
-  from care_jax import cli
-  presets = dict(epilog=cli.presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _step_command(commands, presets: dict) -> None:
   p = commands.add_parser("step", **presets,
                           help="the jitted train step, with and without the T-stream blocks")
   _config_argument(p)
@@ -610,6 +618,8 @@ def _parser() -> argparse.ArgumentParser:
                       "ours on the same batch and arithmetic, and the ratio reported")
   p.set_defaults(run=bench_step)
 
+
+def _scaling_command(commands, presets: dict) -> None:
   p = commands.add_parser("scaling", **presets,
                           help="per-device memory and collectives against the device count "
                                "(compiled, not run)")
@@ -622,7 +632,6 @@ def _parser() -> argparse.ArgumentParser:
                  help="compile without XLA's backend optimisations (other memory figures): "
                       "for smoke tests of this command only")
   p.set_defaults(run=bench_scaling)
-  return parser
 
 
 # Flags of step and scaling in earlier care_jax versions, and what replaced them.
