@@ -47,7 +47,7 @@ test: setup
 
 # Tests marked slow (pytest exits 5 when none is marked: not a failure).
 test-slow: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow tests || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=10 -m slow tests || [ $$? -eq 5 ]
 
 # The GPU lease's one command (experiments/gpu_lease.py) on this CPU, in an environment
 # built like the GPU machines' (gpu-runbook): Python 3.12, jax 0.11 and what those machines

@@ -180,6 +180,7 @@ def test_a_cpu_peak_is_a_matrix_product_timed_in_the_run(monkeypatch):
   assert bench.peak_tflops("cpu", 0.2, "float32") == (0.2, "--peak_tflops")
 
 
+@pytest.mark.slow  # ~60 s: a subprocess that compiles the step twice
 def test_step_bench_without_cost_analysis_or_tensorflow_still_reports_the_timing():
   """The real command on the tiny preset, as a GPU machine with JAX 0.11 runs it."""
   out = subprocess.run(
@@ -211,6 +212,7 @@ def test_scaling_bench_says_what_to_fix(capsys, args, message):
   assert err.count("\n") == 1 and err.startswith(message), err
 
 
+@pytest.mark.slow  # ~140 s: the step compiled for 1, 2 and 4 devices
 def test_scaling_bench_compiles_the_step_for_each_device_count(capsys):
   """Simulated CPU devices, one child process per count: the step keeps each device on its
   own examples as the count doubles."""

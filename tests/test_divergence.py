@@ -42,6 +42,7 @@ def diverging_after(monkeypatch, first_bad: int):
   monkeypatch.setattr(pretraining.Pretraining, "jitted_step", poisoned)
 
 
+@pytest.mark.slow  # ~190 s: three runs of the trainer
 def test_a_diverging_run_stops_keeps_finite_checkpoints_and_resumes_with_a_lower_lr(
     tmp_path, image_folder, monkeypatch, capsys):
   """Non-finite from step 7: the log check at step 8 stops the run with exit status 65 and

@@ -57,6 +57,7 @@ def final_variables(workdir):
   return state["params"], state["batch_stats"]
 
 
+@pytest.mark.slow  # ~75 s: three fine-tuning runs
 def test_finetuning_learns_trains_the_trunk_and_resumes_exactly(
     tmp_path, separable_folder, pretrained_workdir):
   """Six separable colours (conftest.SEPARABLE_TINTS), 96 labelled images in 6 steps an

@@ -98,6 +98,7 @@ def checkpoint_steps(workdir):
                 if p.name.isdigit())
 
 
+@pytest.mark.slow  # ~85 s: two linear evaluations in subprocesses
 def test_sigkill_then_rerun_gives_the_uninterrupted_results(tmp_path, image_folder,
                                                             pretrained_workdir):
   from tensorboard.backend.event_processing import event_accumulator

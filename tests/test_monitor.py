@@ -79,7 +79,9 @@ def test_online_probe_learns_separable_features():
   assert int(correct) > 0.9 * 256
 
 
-@pytest.mark.parametrize("optimised,precision", [(False, "float32"), (True, "float16")])
+@pytest.mark.parametrize("optimised,precision", [
+    (False, "float32"),
+    pytest.param(True, "float16", marks=pytest.mark.slow)])  # ~165 s of compilation
 def test_the_online_probe_leaves_the_encoder_update_bitwise_unchanged(optimised, precision):
   """Also compiled with XLA's backend optimisations (which fuse the programs with and
   without the probe each their own way) and under float16's loss scaling."""
@@ -115,6 +117,7 @@ def test_the_online_probe_leaves_the_encoder_update_bitwise_unchanged(optimised,
       np.testing.assert_array_equal(a, b, err_msg=part)
 
 
+@pytest.mark.slow  # ~120 s: a whole run of the trainer
 def test_label_free_data_trains_without_probe_and_says_so_once(tmp_path, caplog):
   from care_jax import checkpointing, train
   from care_jax.data import synthetic
@@ -135,6 +138,7 @@ def test_label_free_data_trains_without_probe_and_says_so_once(tmp_path, caplog)
   assert checkpointing.load_config(tmp_path / "run").monitor.online_probe
 
 
+@pytest.mark.slow  # ~180 s: the demo preset's own network
 def test_demo_preset_writes_knn_and_probe_accuracy_to_tensorboard(tmp_path, fmnist_data_dir):
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
@@ -159,6 +163,7 @@ def test_demo_preset_writes_knn_and_probe_accuracy_to_tensorboard(tmp_path, fmni
   assert read("knn_top1")[-1] > 0.4
 
 
+@pytest.mark.slow  # ~100 s: a whole run of the trainer
 def test_a_failing_monitor_at_the_end_keeps_the_final_checkpoint(tmp_path, image_folder,
                                                                 monkeypatch, caplog):
   """The full-count rehearsal's monitor crashed after the last step, which had not been

@@ -46,6 +46,7 @@ def monitored_folder(tmp_path_factory):
   return str(root)
 
 
+@pytest.mark.slow  # ~270 s: two processes and one, each compiling and training
 def test_two_processes_match_one_device(tmp_path, monitored_folder):
   image_folder = monitored_folder
   single = subprocess.run(

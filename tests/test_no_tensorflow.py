@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -41,6 +42,7 @@ def test_event_writer_without_clu_reads_back_like_clus(tmp_path, monkeypatch):
     assert scalars(tmp_path / "clu", "knn_top1") == [(3, 0.25)]
 
 
+@pytest.mark.slow  # ~60 s: the GPU preset's network in a subprocess
 def test_gpu_preset_pretrains_without_tensorflow_tfds_or_clu(tmp_path):
   """A few steps of the fmnist_gpu preset as the GPU machine runs it (its data path,
   bfloat16, LARS, the monitors), with the batch and the network shrunk to compile fast."""

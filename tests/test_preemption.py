@@ -28,7 +28,9 @@ def run(args):
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "linear_eval"])
+@pytest.mark.parametrize("mode", [
+    pytest.param("pretrain", marks=pytest.mark.slow),  # ~130 s: two runs of the trainer
+    "linear_eval"])
 def test_sigterm_during_startup_exits_75_and_the_rerun_completes(
     tmp_path, image_folder, pretrained_workdir, mode):
   if mode == "pretrain":

@@ -1,6 +1,8 @@
 """Data parallelism: on several devices each device computes only its own examples."""
 import re
 
+import pytest
+
 from care_jax import scaling
 from tests.conftest import run_on_devices
 
@@ -12,6 +14,7 @@ KNN_MOVES = (re.compile(r"all-gather f32\[32,\d+\] \(.*"),
              re.compile(r"all-to-all ([fs]32\[1,4,\d+\](, )?)+ \(.*"))
 
 
+@pytest.mark.slow  # ~145 s: every program compiled for several device counts
 def test_every_program_computes_only_its_devices_examples():
   """Compiled for 8 devices: no collective that moves examples (before the fix the
   pretraining step all-gathered both views before the trunk's first convolution, and kNN's

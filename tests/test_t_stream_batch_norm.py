@@ -142,6 +142,7 @@ def test_paper_presets_group_by_the_release_per_gpu_batch():
   assert load_config("tiny").global_batch_size <= 128
 
 
+@pytest.mark.slow  # ~50 s: 4 simulated devices in a subprocess
 def test_sharded_groups_equal_one_device():
   """4 simulated devices, each computing only its own examples under shard_map: the online
   network with one group of 4 per device (as each GPU holds its 128 images) equals one

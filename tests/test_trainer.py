@@ -83,6 +83,7 @@ LONG_RUN = ("--config.num_train_steps=12", "--config.checkpoint_every_steps=2",
             "--config.log_every_steps=4")
 
 
+@pytest.mark.slow  # ~110 s: two runs of the trainer in subprocesses
 def test_sigkill_then_rerun_ends_bitwise_identical(tmp_path, image_folder):
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   out = run(tiny_run_args(image_folder, reference, *LONG_RUN))
