@@ -110,6 +110,7 @@ def test_sigkill_then_rerun_ends_bitwise_identical(tmp_path, image_folder):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # ~125 s: a run of the trainer in a subprocess, stopped, then rerun
 def test_sigterm_saves_at_the_step_reached_and_exits_75(tmp_path, image_folder):
   process = subprocess.Popen(tiny_run_args(image_folder, tmp_path, *LONG_RUN), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

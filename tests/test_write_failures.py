@@ -25,6 +25,7 @@ def namespace_prefix():
   return None
 
 
+@pytest.mark.slow  # ~150 s: two runs of the trainer on a tmpfs
 def test_a_full_disk_ends_in_one_line_and_the_rerun_with_space_resumes(tmp_path,
                                                                        image_folder):
   prefix = namespace_prefix()
