@@ -8,11 +8,9 @@ Why (figures in docs/benchmarks.md, "Convolution forms on a CPU"):
 - a 1x1 conv is a matrix product; written as one it is several times faster (flax passes
   its default padding as "SAME": it is resolved here, so 1x1 convs take this form), and
   its weight gradient transposes the input by a plain copy (_matmul);
-- XLA:CPU lowers the weight gradient of a conv with few input channels to a slow generic
-  loop, where one matrix product per kernel tap is faster; from 64 channels on the native
-  one is faster.
 Larger maps keep XLA's convolution, where im2col would cost more memory traffic than it
-saves.
+saves. These choices were measured with XLA:CPU's Eigen convolutions, which care_jax
+selects on import (care_jax/__init__.py).
 """
 import contextlib
 import contextvars
@@ -23,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_MAX_PER_TAP_CHANNELS = 32  # measured crossover of the per-tap weight gradient
 _MAX_IM2COL_OUTPUT_PIXELS = 4  # 2x2 maps: at 4x4 XLA's own conv is faster
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _XLA_FORMS = contextvars.ContextVar("xla_forms", default=False)
@@ -61,8 +58,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   ho, wo = _output_size(lhs.shape[1:3], (kh, kw), strides, padding)
   if (kh, kw) == (1, 1) or ho * wo <= _MAX_IM2COL_OUTPUT_PIXELS:
     return _im2col_conv(lhs, rhs, strides, padding, (ho, wo), precision)
-  if lhs.shape[-1] <= _MAX_PER_TAP_CHANNELS:
-    return _conv(lhs, _varying_like(rhs, lhs), strides, padding)
   return lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
 
@@ -115,10 +110,6 @@ def _matmul_bwd(precision, residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _native(x, w, strides, padding):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
-
-
 def _varying_axes(a) -> frozenset:
   manual = getattr(jax.typeof(a), "manual_axis_type", None)  # None outside shard_map
   return frozenset() if manual is None else manual.varying
@@ -130,30 +121,6 @@ def _varying_like(w, x):
   gradient with its input's type, and jax.shard_map sums it over the devices itself."""
   missing = tuple(_varying_axes(x) - _varying_axes(w))
   return jax.lax.pcast(w, missing, to="varying") if missing else w
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, w, strides, padding):
-  """XLA's convolution and input gradient; the weight gradient one product per tap."""
-  return _native(x, w, strides, padding)
-
-
-def _conv_fwd(x, w, strides, padding):
-  return _native(x, w, strides, padding), (x, w)
-
-
-def _conv_bwd(strides, padding, residuals, g):
-  x, w = residuals
-  dx = jax.vjp(lambda x: _native(x, w, strides, padding), x)[1](g)[0]
-  taps = _shifted_inputs(x, w.shape[:2], strides, padding, g.shape[1:3])
-  g = g.reshape(-1, g.shape[-1])
-  # Plain 2-D products: XLA:CPU runs them as GEMMs (a 3-axis einsum was slower).
-  dw = jnp.stack([jnp.matmul(t.reshape(-1, x.shape[-1]).T, g,
-                             preferred_element_type=jnp.float32) for t in taps])
-  return dx, dw.reshape(w.shape).astype(w.dtype)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def max_pool(x, window: int, stride: int, pad: int):
