@@ -156,22 +156,27 @@ def conclusion(results: dict, preset: str) -> list:
   return lines
 
 
-def _rise(curve) -> str | None:
-  if not curve or len(curve) < 2:
-    return None
-  return f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}"
+def _first_and_last(curve) -> tuple[float, float] | None:
+  return (curve[0][1], curve[-1][1]) if curve and len(curve) >= 2 else None
 
 
 def _not_yet_ahead(results: dict, preset: str, margin: float) -> list:
   """Two lines: what the run shows (its kNN and probe curves), then why the probe is not
   ahead yet and what is."""
   epochs = results["pretrain_epochs"]
-  rises = [(name, _rise(results.get(key))) for name, key in
-           (("kNN top-1", "knn_curve"), ("online-probe top-1", "online_probe_curve"))]
-  rises = [f"{name} {rise}" for name, rise in rises if rise]
-  first = (f"Pretraining is learning: over its {epochs:g} epochs the {' and the '.join(rises)} "
-           "rose on the test images." if rises else
-           f"This run pretrained for {epochs:g} epochs, too few to judge by its curves.")
+  ends = [(name, _first_and_last(results.get(key))) for name, key in
+          (("kNN top-1", "knn_curve"), ("online-probe top-1", "online_probe_curve"))]
+  ends = [(name, ab) for name, ab in ends if ab]
+  rose = [f"{name} {a:.3f} -> {b:.3f}" for name, (a, b) in ends if b > a]
+  fell = [f"{name} {a:.3f} -> {b:.3f}" for name, (a, b) in ends if b <= a]
+  if rose:
+    first = (f"Pretraining is learning: over its {epochs:g} epochs the {' and the '.join(rose)} "
+             "rose on the test images" + (f"; the {fell[0]} did not." if fell else "."))
+  elif fell:
+    first = (f"Over its {epochs:g} epochs the {' and the '.join(fell)} did not rise on the "
+             "test images: too short a run to judge by its curves.")
+  else:
+    first = f"This run pretrained for {epochs:g} epochs, too few to judge by its curves."
   longer = ("--config=configs/care.py:fmnist_cpu (12 epochs) and, on a GPU, fmnist_gpu "
             "(100) are ahead of it" if preset == "fmnist_demo" else "a longer run is needed")
   return [first, f"{epochs:g} epochs are too few for the linear probe to pass random init "

@@ -64,6 +64,18 @@ def test_conclusion_says_whether_pretraining_beat_the_baselines():
   assert "too few for the linear probe to pass random init (-5.0 points)" in behind[1]
   assert "--config=configs/care.py:fmnist_cpu" in behind[1]
   assert "docs/fashion_mnist.md" in behind[1]
+  # A curve that fell is not said to rise (make demo, 2026-12-05: kNN 0.595 -> 0.558).
+  mixed = demo.conclusion(results(0.7354, 0.7765, 0.8367, epochs=0.427,
+                                  knn_curve=[[0.214, 0.5945], [0.427, 0.5577]],
+                                  online_probe_curve=[[0.214, 0.3414], [0.427, 0.3718]]),
+                          "fmnist_demo")
+  assert mixed[0] == ("Pretraining is learning: over its 0.427 epochs the online-probe top-1 "
+                      "0.341 -> 0.372 rose on the test images; the kNN top-1 0.595 -> 0.558 "
+                      "did not.")
+  fell = demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43,
+                                 knn_curve=[[0.21, 0.60], [0.43, 0.55]]), "fmnist_demo")
+  assert fell[0] == ("Over its 0.43 epochs the kNN top-1 0.600 -> 0.550 did not rise on the "
+                     "test images: too short a run to judge by its curves.")
   no_curves = demo.conclusion(results(0.72, 0.77, 0.83, epochs=0.43), "fmnist_demo")
   assert no_curves[0].startswith("This run pretrained for 0.43 epochs")
   stopped = demo.conclusion(results(0.89, 0.80, 0.83, epochs=61.0, pretrain_scheduled_epochs=100,
