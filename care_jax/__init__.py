@@ -2,9 +2,9 @@
 import importlib.metadata
 import os
 
-# XLA:CPU hands convolutions to YNNPACK by default; its own (Eigen) convolutions ran our
-# steps much faster on 2-core x86 CPUs (R50 1.24x, the demo's 1.8x; docs/benchmarks.md,
-# "XLA:CPU's convolution library"), while YNNPACK stays the faster for matrix products.
+# XLA:CPU hands convolutions to YNNPACK by default; its own (Eigen) convolutions run our
+# steps much faster on x86 CPUs (docs/benchmarks.md, "XLA:CPU's convolution library"),
+# while YNNPACK stays the faster for matrix products.
 # XLA reads the flag when its first backend starts, so it is set on import, before any
 # care_jax code touches a device. It concerns the CPU backend only (GPU programs are
 # unchanged), a user's own setting of it wins, and it is set only for the jaxlib versions
