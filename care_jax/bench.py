@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -331,9 +332,10 @@ def bench_step(args) -> dict:
   device_kind = jax.devices()[0].device_kind
   config = _config(args)
   peak, peak_basis = peak_tflops(device_kind, args.peak_tflops, config.precision)
-  results = {}
+  results, retimers = {}, {}
   for i, variant in enumerate(variants):
-    results[variant] = _measure_step(args, variant, mesh, peak, first=i == 0)
+    results[variant], retimers[variant] = _measure_step(args, variant, mesh, peak,
+                                                        first=i == 0)
     print(f"{variant}: {_describe(results[variant], peak)}", flush=True)
   result = {"benchmark": "step", "config": args.config, "overrides": args.overrides,
             "precision": config.precision, "devices": devices, "device": device_kind,
@@ -344,7 +346,7 @@ def bench_step(args) -> dict:
         1 - results["without_t_stream"]["step_seconds_median"]
         / results["care"]["step_seconds_median"], 3)
   if "care" in results:
-    result.update(_beside_release(args, config, devices, results["care"]))
+    result.update(_beside_release(args, config, devices, results["care"], retimers["care"]))
   return {**result, "jax": jax.__version__, "jaxlib": jaxlib.__version__, **machine_info()}
 
 
@@ -352,11 +354,15 @@ def bench_step(args) -> dict:
 RELEASE_AMP = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _beside_release(args, config, devices: int, care: dict) -> dict:
+def _beside_release(args, config, devices: int, care: dict, retime=None) -> dict:
   """The release's step on the same batch and arithmetic, timed after ours in a separate
   process (experiments/release_step.py on a checkout in --release_dir), and care_jax's
   pairs/s over the release's; {} where there is nothing to compare with: the release is
-  ResNet-50 at 224 px on one device, and its step has no augmentation (--no_augmentation)."""
+  ResNet-50 at 224 px on one device, and its step has no augmentation (--no_augmentation).
+
+  With --rounds=N the two alternate N times (`retime` times our compiled step again) and
+  the ratio is the median of each round's: a CPU whose speed drifts over minutes (a shared
+  VM's) then moves both sides of a round alike instead of one side of the only one."""
   script = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "release_step.py"
   same_work = (config.model.arch == "resnet50" and config.model.width == 1 and devices == 1
                and config.data.image_size == 224 and args.no_augmentation)
@@ -367,22 +373,35 @@ def _beside_release(args, config, devices: int, care: dict) -> dict:
              f"--batch={args.batch_per_device}", f"--amp={RELEASE_AMP[config.precision]}",
              f"--steps={args.steps}", f"--warmup={args.warmup}"]
   print("release:", " ".join(command[1:]), flush=True)
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    return {"release": {"command": " ".join(command[1:]),
-                        "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}}
-  release = json.loads(done.stdout.strip().splitlines()[-1])
-  ratio = release["step_seconds_median"] / care["step_seconds_median"]
-  print(f"release: {release['image_pairs_per_sec']} image pairs/s, median step "
-        f"{1000 * release['step_seconds_median']:.1f} ms; care_jax / release: {ratio:.2f}x",
-        flush=True)
-  return {"release": release, "care_over_release": round(ratio, 3)}
+  rounds, ours = [], care["step_seconds_median"]
+  for i in range(args.rounds):
+    if i:
+      ours = retime()
+      print(f"care (round {i + 1}): median step {1000 * ours:.1f} ms", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+      return {"release": {"command": " ".join(command[1:]),
+                          "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}}
+    release = json.loads(done.stdout.strip().splitlines()[-1])
+    ratio = release["step_seconds_median"] / ours
+    rounds.append({"care_step_seconds": round(ours, 4),
+                   "release_step_seconds": release["step_seconds_median"],
+                   "care_over_release": round(ratio, 3)})
+    print(f"release: {release['image_pairs_per_sec']} image pairs/s, median step "
+          f"{1000 * release['step_seconds_median']:.1f} ms; care_jax / release: {ratio:.2f}x",
+          flush=True)
+  ratio = statistics.median(r["care_over_release"] for r in rounds)
+  out = {"release": release, "care_over_release": round(ratio, 3)}
+  if args.rounds > 1:
+    print(f"care_jax / release over {args.rounds} rounds: median {ratio:.2f}x", flush=True)
+    out["rounds"] = rounds
+  return out
 
 
 def _check_step_args(args) -> list:
   """The variants to time; the arguments' mistakes before any compilation."""
   for name, least in (("batch_per_device", 1), ("steps", 1), ("warmup", 0),
-                      ("profile_steps", 0)):
+                      ("profile_steps", 0), ("rounds", 1)):
     if getattr(args, name) < least:
       raise UserError(f"--{name} must be at least {least}, got {getattr(args, name)}.")
   if args.peak_tflops < 0:
@@ -404,8 +423,9 @@ def _step_config(args, variant: str, devices: int):
   return config
 
 
-def _measure_step(args, variant: str, mesh, peak, first: bool) -> dict:
-  """One variant's figures; the device's peak memory only for the first (one a process)."""
+def _measure_step(args, variant: str, mesh, peak, first: bool) -> tuple:
+  """(One variant's figures, a function that times its compiled step again); the device's
+  peak memory only for the first variant (one a process)."""
   import jax
   import numpy as np
 
@@ -427,19 +447,26 @@ def _measure_step(args, variant: str, mesh, peak, first: bool) -> dict:
   compile_seconds = time.perf_counter() - start
   # Before any step: the state, plus whatever compilation (GPU autotuning) held at once.
   peak_before = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-  times = []
-  for _ in range(args.warmup + args.steps):
-    start = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  def time_steps() -> float:
+    """The median time of --steps steps after --warmup untimed ones."""
+    nonlocal state, metrics
+    times = []
+    for _ in range(args.warmup + args.steps):
+      start = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    return float(np.median(times[args.warmup:]))
+
+  metrics = {}
+  median = time_steps()
   if args.profile_dir and first and args.profile_steps:
     with jax.profiler.trace(os.path.join(args.profile_dir, variant)):
       for _ in range(args.profile_steps):
         state, metrics = train_step(state, batch)
       jax.block_until_ready(metrics)
   stats = (jax.local_devices()[0].memory_stats() or {}) if first else {}
-  figures = _step_figures(config.global_batch_size, float(np.median(times[args.warmup:])),
+  figures = _step_figures(config.global_batch_size, median,
                           summary.program_flops(lowered, train_step, devices), peak, devices)
   gib = lambda n: None if n is None else round(n / 2**30, 2)
   return {**figures, "compile_seconds": round(compile_seconds, 1),
@@ -447,7 +474,7 @@ def _measure_step(args, variant: str, mesh, peak, first: bool) -> dict:
           "peak_memory_before_first_step_gib": gib(peak_before) if first else None,
           "program_memory_gib": _program_memory(train_step),
           "finite_loss": bool(np.isfinite(np.asarray(metrics["loss"])))
-          if "loss" in metrics else None}
+          if "loss" in metrics else None}, time_steps
 
 
 def _program_memory(compiled) -> Optional[dict]:
@@ -612,6 +639,9 @@ def _step_command(commands, presets: dict) -> None:
   p.add_argument("--no_augmentation", action="store_true",
                  help="time the step on normalised crops, without the device augmentation: "
                       "the work the release's step (experiments/release_step.py) is timed on")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="with the release: time ours and the release's this many times in "
+                      "turn and report the median of the rounds' ratios")
   p.add_argument("--release_dir", default="external/CARE",
                  help="a checkout of the authors' release (never committed): with R50 at "
                       "224 px, one device and --no_augmentation, its step is timed after "

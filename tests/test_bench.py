@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from care_jax import bench, summary
+from care_jax.errors import UserError
 from care_jax.data import synthetic
 from tests.conftest import ROOT
 
@@ -272,3 +273,36 @@ def test_release_is_timed_beside_ours_only_on_the_same_work(tmp_path, monkeypatc
       command, 1, stdout="", stderr="Traceback\nModuleNotFoundError: No module named 'timm'\n"))
   failed = bench._beside_release(args, config, 1, {"step_seconds_median": 5.0})
   assert failed["release"]["error"] == "ModuleNotFoundError: No module named 'timm'"
+
+
+def test_rounds_alternate_ours_and_the_release_and_report_the_median_ratio(tmp_path,
+                                                                             monkeypatch):
+  """A CPU that slows down between rounds slows both sides of a round: each round's ratio
+  pairs adjacent timings, and the median of the rounds' ratios is reported."""
+  from care_jax import cli
+  release_dir = tmp_path / "CARE"
+  (release_dir / "models").mkdir(parents=True)
+  (release_dir / "models" / "care_module.py").write_text("")
+  order, release_steps = [], iter([6.0, 12.0, 9.0])
+
+  def fake_run(command, **kwargs):
+    order.append("release")
+    out = json.dumps({"step_seconds_median": next(release_steps), "image_pairs_per_sec": 1.0})
+    return subprocess.CompletedProcess(command, 0, stdout=out + "\n", stderr="")
+
+  ours = iter([10.0, 10.0])  # rounds 2 and 3; round 1 is the first timing, 5.0
+
+  def retime():
+    order.append("care")
+    return next(ours)
+
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  args = bench._parser().parse_args(["step", "--batch_per_device=8", "--rounds=3",
+                                     "--no_augmentation", f"--release_dir={release_dir}"])
+  config = cli.config_from_spec("configs/care.py:r50_100ep")
+  figures = bench._beside_release(args, config, 1, {"step_seconds_median": 5.0}, retime)
+  assert order == ["release", "care", "release", "care", "release"]
+  assert [r["care_over_release"] for r in figures["rounds"]] == [1.2, 1.2, 0.9]
+  assert figures["care_over_release"] == 1.2
+  with pytest.raises(UserError, match="--rounds must be at least 1, got 0"):
+    bench._check_step_args(bench._parser().parse_args(["step", "--rounds=0"]))
