@@ -12,8 +12,8 @@ import PIL.Image
 import pytest
 
 from care_jax import bench, summary
-from care_jax.errors import UserError
 from care_jax.data import synthetic
+from care_jax.errors import UserError
 from tests.conftest import ROOT
 
 # Run first in a child interpreter: any later `import tensorflow` (or tfds, clu) fails, as
