@@ -8,14 +8,25 @@ from care_jax import run_safety  # imports no JAX: the settings below come first
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# One scratch folder per test run, made by the process that starts the run (pytest-xdist's
+# workers, started after this import, inherit its name) and removed when that process ends,
+# so runs leave nothing in the temporary directory.
+_SCRATCH_VAR = "CARE_JAX_TEST_SCRATCH"
+_OWNS_SCRATCH = _SCRATCH_VAR not in os.environ
+if _OWNS_SCRATCH:
+  os.environ[_SCRATCH_VAR] = tempfile.mkdtemp(prefix="care_jax_tests_")
+SCRATCH = os.environ[_SCRATCH_VAR]
+
 # Many tests (and the subprocesses they start, which inherit the environment) compile the
-# same tiny programs: a persistent compilation cache for the session compiles each once.
-# pytest-xdist's workers of one run share theirs (its run id is the same in all of them).
-_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_CACHE = (os.path.join(tempfile.gettempdir(), f"care_jax_xla_{_RUN_ID}") if _RUN_ID
-          else tempfile.mkdtemp(prefix="care_jax_xla_"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# same tiny programs: a persistent compilation cache for the run compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(SCRATCH, "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+  if _OWNS_SCRATCH:
+    import shutil
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 def load_config(preset: str = "tiny"):
@@ -63,7 +74,7 @@ def fmnist_data_dir():
   """A data dir with Fashion-MNIST prepared from Debian's files, once per test run (the
   preparation holds a file lock, so parallel workers wait for one another)."""
   from care_jax.data import sources
-  data_dir = os.path.join(tempfile.gettempdir(), f"care_jax_tfds_{_RUN_ID or os.getpid()}")
+  data_dir = os.path.join(SCRATCH, "tfds")
   sources.tfds_version_dir("fashion_mnist", data_dir)
   return data_dir
 
