@@ -79,10 +79,11 @@ def table(out: pathlib.Path) -> str:
     if r["encoder"] != "pretrained":
       continue
     fields = ", ".join(r["fields"]) or "the preset"
+    random = random_init.get(r["setting"])  # not probed with --no_random_init
     rows.append(f"| {r['setting']}: {fields} | {r['seed']} | {r['steps']} ({r['epochs']:g}) | "
                 f"{r['pretrain_seconds'] / 60:.1f} | {r['pairs_per_sec']} | "
                 f"{r['knn_top1']:.4f} | {r['online_probe_top1']:.4f} | {r['probe_top1']:.4f} | "
-                f"{random_init.get(r['setting'], float('nan')):.4f} |")
+                f"{'-' if random is None else f'{random:.4f}'} |")
   return "\n".join(rows)
 
 
