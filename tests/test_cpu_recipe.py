@@ -1,14 +1,6 @@
-import importlib.util
 import json
 
-from conftest import ROOT
-
-
-def _cpu_recipe():
-  spec = importlib.util.spec_from_file_location("cpu_recipe", ROOT / "experiments/cpu_recipe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.conftest import ROOT
 
 
 def _record(setting, seed, encoder, probe):
@@ -17,12 +9,14 @@ def _record(setting, seed, encoder, probe):
           "knn_top1": 0.5, "online_probe_top1": 0.4, "encoder": encoder, "probe_top1": probe}
 
 
-def test_table_gives_each_setting_its_random_init_probe_or_a_dash(tmp_path):
+def test_table_gives_each_setting_its_random_init_probe_or_a_dash(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+  import cpu_recipe
   out = tmp_path / "runs.jsonl"
   records = [_record("base", 0, "pretrained", 0.71), _record("base", 0, "random_init", 0.65),
              _record("other", 0, "pretrained", 0.73)]  # run with --no_random_init
   out.write_text("".join(json.dumps(r) + "\n" for r in records))
-  rows = _cpu_recipe().table(out).splitlines()
+  rows = cpu_recipe.table(out).splitlines()
   assert len(rows) == 4  # header, rule, one row per pretrained run
   assert rows[2] == ("| base: the preset | 0 | 10 (0.02) | 1.5 | 12.5 | 0.5000 | 0.4000 | "
                      "0.7100 | 0.6500 |")
