@@ -80,7 +80,7 @@ def test_same_variables_as_batch_norm_and_eval_mode_takes_any_batch():
 
 
 def test_t_stream_groups_within_each_view():
-  """Both views in one vmapped pass (apply_to_views): each group of each view gives what
+  """Both views in one pass (apply_to_views): each group of each view gives what
   the whole-batch T-stream gives on that group alone, and the running averages are the
   release's two sequential updates from the first group of each view."""
   tiny = load_config("tiny").model.t_stream
@@ -109,6 +109,37 @@ def test_t_stream_groups_within_each_view():
     want_stats = first_group_stats
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new_stats, want_stats)
+
+
+def test_both_views_in_one_pass_are_two_calls_one_per_view():
+  """apply_to_views passes both views through the whole online network at once: its
+  outputs and new statistics (trunk, T-stream, heads) must be those of the release's two
+  calls, one per view, each its own BatchNorm batch, the second from the first's
+  statistics."""
+  config = load_config("tiny")
+  config.model.t_stream.bn_group_size = 0
+  net, _ = create_networks(config.model, 16, axis_name=parallel.DATA_AXIS)
+  single, _ = create_networks(config.model, 16)
+  views = jnp.asarray(np.stack([batch(4, (4, 16, 16, 3)), batch(5, (4, 16, 16, 3)) * 0.5]))
+  net_vars = quick_jit(lambda x: single.init(jax.random.key(0), x, train=False), views[0])
+  out, new_stats = quick_jit(lambda v, x: apply_to_views(
+      net, v["params"], v["batch_stats"], x), net_vars, views)
+
+  one_view = jax.jit(lambda stats, x: single.apply(
+      {"params": net_vars["params"], "batch_stats": stats}, x, train=True,
+      mutable=["batch_stats"]))
+  stats = net_vars["batch_stats"]
+  for view in range(2):
+    want, updated = one_view(stats, views[view])
+    stats = updated["batch_stats"]
+    for key in ("c", "t", "features"):
+      np.testing.assert_allclose(out[key][view], want[key], rtol=1e-4, atol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, new_stats, stats)
+  # The views differ in scale, so one BatchNorm over both would move every statistic.
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_stats,
+                       net_vars["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 0
 
 
 def test_config_groups_the_t_stream_only():

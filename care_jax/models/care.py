@@ -24,9 +24,9 @@ class MLP(nn.Module):
   axis_name: Optional[str] = None  # see layers.batch_norm
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, views: int = 1):
     x = dense(self.hidden_dim, x.shape[-1], self.dtype, "dense1")(x)
-    x = nn.relu(batch_norm(train, self.dtype, "bn", self.axis_name)(x))
+    x = nn.relu(batch_norm(train, self.dtype, "bn", self.axis_name, views)(x))
     return dense(self.out_dim, self.hidden_dim, self.dtype, "dense2")(x)
 
 
@@ -44,18 +44,20 @@ class CareNetwork(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool):
-    """Returns pooled layer4 features and the unit-norm C-stream and T-stream outputs."""
-    layer3, layer4 = self.trunk(images, train=train)
-    t_map = self.t_stream(layer3, train=train)
+  def __call__(self, images, train: bool, views: int = 1):
+    """Returns pooled layer4 features and the unit-norm C-stream and T-stream outputs.
+    `images` holds `views` batches one after another, each its own BatchNorm batch in
+    training mode (layers.GroupedBatchNorm)."""
+    layer3, layer4 = self.trunk(images, train=train, views=views)
+    t_map = self.t_stream(layer3, train=train, views=views)
     features = jnp.mean(layer4, axis=(1, 2))
     outputs = {"features": features.astype(jnp.float32)}
     for stream, pooled in (("c", features), ("t", jnp.mean(t_map, axis=(1, 2)))):
       z = MLP(self.hidden_dim, self.projection_dim, self.dtype, self.trunk.axis_name,
-              name=f"{stream}_projector")(pooled, train)
+              name=f"{stream}_projector")(pooled, train, views)
       if self.predictors:
         z = MLP(self.hidden_dim, self.projection_dim, self.dtype, self.trunk.axis_name,
-                name=f"{stream}_predictor")(z, train)
+                name=f"{stream}_predictor")(z, train, views)
       outputs[stream] = l2_normalize(z)
     return outputs
 

@@ -34,16 +34,17 @@ BN_MOMENTUM = 0.9  # flax's convention for PyTorch's momentum=0.1
 BN_EPSILON = 1e-5  # PyTorch's default
 
 
-def batch_norm(train: bool, dtype, name: str,
-               axis_name: Optional[str] = None) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype, name: str, axis_name: Optional[str] = None,
+               views: int = 1) -> "GroupedBatchNorm":
   """PyTorch BatchNorm semantics (momentum 0.1, eps 1e-5); gamma 1, beta 0.
 
   With `axis_name` (the data axis of a shard_map over the devices) the training-mode
   statistics are averaged over that axis: those of the global batch, as SyncBN gives the
-  release's trunk and heads, while each device computes only its own examples.
+  release's trunk and heads, while each device computes only its own examples. `views`:
+  see GroupedBatchNorm.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, axis_name=axis_name, name=name)
+  return GroupedBatchNorm(not train, group_size=0, dtype=dtype, axis_name=axis_name,
+                          views=views, name=name)
 
 
 def batch_norm_groups(batch: int, group_size: int) -> int:
@@ -59,9 +60,10 @@ def batch_norm_groups(batch: int, group_size: int) -> int:
 
 
 class GroupedBatchNorm(nn.Module):
-  """batch_norm whose training-mode statistics are those of each contiguous group of
+  """BatchNorm whose training-mode statistics are those of each contiguous group of
   `group_size` examples of the global batch: the release's T-stream uses plain
-  BatchNorm2d, so each GPU normalises its own 128 images (spec, "Networks").
+  BatchNorm2d, so each GPU normalises its own 128 images (spec, "Networks"). With
+  group_size <= 0, the whole batch: batch_norm, the trunk's and the heads' SyncBN.
 
   With `axis_name` (the data axis of a shard_map) each device holds a contiguous slice of
   the global batch and computes only its own examples: a group lies within one device
@@ -75,11 +77,19 @@ class GroupedBatchNorm(nn.Module):
   checkpoint, so the release keeps rank 0's statistics. Variables, statistics (E[x^2] -
   E[x]^2, in promote_types(dtype, float32): float32 under bfloat16, float64 in a float64
   run) and eval mode are nn.BatchNorm's, so checkpoints cannot tell them apart.
+
+  With `views` > 1 the batch is that many batches one after another (the two views of
+  the train step, each device's examples of the first view, then of the second), each
+  normalised on its own, as if the network were called once per view as the release
+  calls it; the running averages take their updates in that order. One pass over both
+  views runs every convolution and matrix product on twice the batch, and its weight
+  gradients as single products, which a vmap over the views did not (docs/benchmarks.md).
   """
   use_running_average: bool
   group_size: int
   dtype: jnp.dtype = jnp.float32
   axis_name: Optional[str] = None
+  views: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -96,15 +106,21 @@ class GroupedBatchNorm(nn.Module):
       grouped, mean, var, first_mean, first_var = self._group_statistics(
           x.astype(compute_dtype))
       if not self.is_initializing():
-        running_mean.value = BN_MOMENTUM * running_mean.value + (1 - BN_MOMENTUM) * first_mean
-        running_var.value = BN_MOMENTUM * running_var.value + (1 - BN_MOMENTUM) * first_var
+        for view in range(self.views):
+          running_mean.value = (BN_MOMENTUM * running_mean.value
+                                + (1 - BN_MOMENTUM) * first_mean[view])
+          running_var.value = (BN_MOMENTUM * running_var.value
+                               + (1 - BN_MOMENTUM) * first_var[view])
     y = (grouped - mean[:, None]) * (jax.lax.rsqrt(var + BN_EPSILON) * scale)[:, None] + bias
     return y.reshape(x.shape).astype(self.dtype)
 
   def _group_statistics(self, x):
-    """x as [this device's groups, their values, features]; the mean and variance of each
-    of those groups; the mean and variance of the global batch's first group."""
-    local, features = x.shape[0], x.shape[-1]
+    """x as [each view's groups on this device, their values, features]; the mean and
+    variance of each of those groups; those of each view's first group of the global
+    batch ([views, features])."""
+    if x.shape[0] % self.views:
+      raise ValueError(f"{x.shape[0]} examples do not split into {self.views} views.")
+    local, features = x.shape[0] // self.views, x.shape[-1]  # examples per view
     axis_name = None if self.is_initializing() else self.axis_name  # as nn.BatchNorm
     if axis_name is None:
       devices, index = 1, 0
@@ -121,19 +137,21 @@ class GroupedBatchNorm(nn.Module):
           f"BatchNorm groups of {size} examples straddle the {devices} devices' batches of "
           f"{local}; set --config.model.t_stream.bn_group_size to a divisor or a multiple "
           f"of {local} (0: the whole batch).")
-    grouped = x.reshape(local_groups, -1, features)
+    grouped = x.reshape(self.views * local_groups, -1, features)
     sums = jnp.stack([jnp.sum(grouped, axis=1), jnp.sum(jnp.square(grouped), axis=1)], 1)
+    sums = sums.reshape(self.views, local_groups, 2, features)
     if axis_name is None:
       table = sums
     else:  # every group's sums on every device; rows of other devices' groups are zeros
       table = jax.lax.dynamic_update_slice_in_dim(
-          jnp.zeros((groups,) + sums.shape[1:], x.dtype), sums, first_row, axis=0)
+          jnp.zeros((self.views, groups, 2, features), x.dtype), sums, first_row, axis=1)
       table = jax.lax.psum(table, axis_name)
-      sums = jax.lax.dynamic_slice_in_dim(table, first_row, local_groups, axis=0)
-    count = size * (x.size // (local * features))  # values per group and feature
+      sums = jax.lax.dynamic_slice_in_dim(table, first_row, local_groups, axis=1)
+    count = size * (x.size // (x.shape[0] * features))  # values per group and feature
     moments = lambda s: (s[..., 0, :] / count,
                          jnp.maximum(0., s[..., 1, :] / count - jnp.square(s[..., 0, :] / count)))
-    (mean, var), (first_mean, first_var) = moments(sums), moments(table[0])
+    mean, var = moments(sums.reshape(-1, 2, features))
+    first_mean, first_var = moments(table[:, 0])
     return grouped, mean, var, first_mean, first_var
 
 

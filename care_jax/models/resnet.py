@@ -28,15 +28,16 @@ class BasicBlock(nn.Module):
   train: bool
   dtype: jnp.dtype
   axis_name: Optional[str] = None  # see layers.batch_norm
+  views: int = 1  # see layers.GroupedBatchNorm
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     out = conv(self.planes, (3, 3), (self.stride, self.stride), padding=1, dtype=self.dtype,
                name="conv1")(x)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name)(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name, self.views)(out))
     out = conv(self.planes, (3, 3), padding=1, dtype=self.dtype, name="conv2")(out)
-    out = batch_norm(self.train, self.dtype, "bn2", self.axis_name)(out)
+    out = batch_norm(self.train, self.dtype, "bn2", self.axis_name, self.views)(out)
     return nn.relu(out + _shortcut(self, x, self.planes))
 
 
@@ -47,6 +48,7 @@ class Bottleneck(nn.Module):
   dtype: jnp.dtype
   width_multiplier: int = 1
   axis_name: Optional[str] = None  # see layers.batch_norm
+  views: int = 1  # see layers.GroupedBatchNorm
   expansion = 4
 
   @nn.compact
@@ -55,12 +57,12 @@ class Bottleneck(nn.Module):
     # torchvision's wide_resnet50_2: the stage outputs stay 256..2048 channels.
     width = self.planes * self.width_multiplier
     out = conv(width, (1, 1), dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name)(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn1", self.axis_name, self.views)(out))
     out = conv(width, (3, 3), (self.stride, self.stride), padding=1, dtype=self.dtype,
                name="conv2")(out)
-    out = nn.relu(batch_norm(self.train, self.dtype, "bn2", self.axis_name)(out))
+    out = nn.relu(batch_norm(self.train, self.dtype, "bn2", self.axis_name, self.views)(out))
     out = conv(self.planes * 4, (1, 1), dtype=self.dtype, name="conv3")(out)
-    out = batch_norm(self.train, self.dtype, "bn3", self.axis_name)(out)
+    out = batch_norm(self.train, self.dtype, "bn3", self.axis_name, self.views)(out)
     return nn.relu(out + _shortcut(self, x, self.planes * 4))
 
 
@@ -70,7 +72,8 @@ def _shortcut(block: nn.Module, x, out_channels: int):
     return x
   x = conv(out_channels, (1, 1), (block.stride, block.stride), dtype=block.dtype,
            name="downsample_conv")(x)
-  return batch_norm(block.train, block.dtype, "downsample_bn", block.axis_name)(x)
+  return batch_norm(block.train, block.dtype, "downsample_bn", block.axis_name,
+                    block.views)(x)
 
 
 class ResNet(nn.Module):
@@ -85,16 +88,17 @@ class ResNet(nn.Module):
   axis_name: Optional[str] = None  # see layers.batch_norm
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, views: int = 1):
+    """`views`: see layers.GroupedBatchNorm."""
     x = x.astype(self.dtype)
     if self.small_stem:
       x = conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name, views)(x))
       if self.small_stem_pool:
         x = cpu_conv.max_pool(x, window=3, stride=2, pad=1)
     else:
       x = conv(self.channels, (7, 7), (2, 2), padding=3, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name)(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1", self.axis_name, views)(x))
       x = cpu_conv.max_pool(x, window=3, stride=2, pad=1)
     stages = []
     for i, num_blocks in enumerate(self.stage_sizes):
@@ -103,10 +107,10 @@ class ResNet(nn.Module):
         name = f"layer{i + 1}_{j}"
         if self.block == "basic":
           x = BasicBlock(self.channels * 2**i, stride, train, self.dtype, self.axis_name,
-                         name=name)(x)
+                         views, name=name)(x)
         else:
           x = Bottleneck(self.channels * 2**i, stride, train, self.dtype, self.width_multiplier,
-                         self.axis_name, name=name)(x)
+                         self.axis_name, views, name=name)(x)
       stages.append(x)
     return stages[2], stages[3]
 

@@ -75,11 +75,12 @@ class TBlock(nn.Module):
   bn_group_size: int = 0  # see GroupedBatchNorm; <= 0: the whole batch
   dtype: jnp.dtype = jnp.float32
   axis_name: Optional[str] = None  # see GroupedBatchNorm
+  views: int = 1  # see GroupedBatchNorm
 
   @nn.compact
   def __call__(self, x):
     bn = lambda name: GroupedBatchNorm(not self.train, self.bn_group_size, self.dtype,
-                                       self.axis_name, name=name)
+                                       self.axis_name, self.views, name=name)
     if self.downsample or x.shape[-1] != self.out_channels:
       stride = 2 if self.downsample else 1
       size = 3 if self.downsample else 1
@@ -115,11 +116,12 @@ class TStream(nn.Module):
   axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, views: int = 1):
+    """`views`: see GroupedBatchNorm."""
     for i in range(self.num_blocks):
       x = TBlock(out_channels=self.out_channels, bottleneck_channels=self.out_channels // 4,
                  downsample=i == 0, heads=self.heads, head_dim=self.head_dim,
                  position_embedding=self.position_embedding, train=train,
                  bn_group_size=self.bn_group_size, dtype=self.dtype,
-                 axis_name=self.axis_name, name=f"block{i}")(x)
+                 axis_name=self.axis_name, views=views, name=f"block{i}")(x)
     return x

@@ -10,7 +10,6 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from care_jax import objectives, parallel
-from care_jax.models.layers import BN_MOMENTUM
 from care_jax.training.state import TrainState, target_subtree
 
 
@@ -21,9 +20,9 @@ def apply_to_views(net, params, stats, views, mesh=None):
   `net` must have been built with axis_name=parallel.DATA_AXIS (create_networks), so its
   BatchNorms take the global statistics. The release calls its encoder once per view, so
   each view is its own BN batch and the running statistics are updated twice in a row.
-  vmap gives the per-view statistics with a single (smaller to compile, better batched)
-  graph; the sequential running-average update is then m * s_0 + s_1 - m * r, where
-  s_i = m * r + (1 - m) * batch_i.
+  Here each device passes its examples of both views through the network at once, as one
+  batch of two views (layers.GroupedBatchNorm): one graph, and every convolution on twice
+  the examples.
   """
   mesh = parallel.create_mesh(jax.devices()[:1]) if mesh is None else mesh
   if net.axis_name != parallel.DATA_AXIS:
@@ -31,16 +30,12 @@ def apply_to_views(net, params, stats, views, mesh=None):
                      f"{parallel.DATA_AXIS!r} (create_networks): its BatchNorms would "
                      "otherwise normalise each device's examples alone.")
 
-  def one_view(params, stats, x):
-    out, new = net.apply({"params": params, "batch_stats": stats}, x, train=True,
-                         mutable=["batch_stats"])
-    return out, new["batch_stats"]
-
   def on_device(params, stats, views):
-    outputs, per_view = jax.vmap(one_view, in_axes=(None, None, 0))(params, stats, views)
-    new_stats = jax.tree.map(lambda r, s: BN_MOMENTUM * s[0] + s[1] - BN_MOMENTUM * r,
-                             stats, per_view)
-    return outputs, new_stats
+    both = views.reshape(-1, *views.shape[2:])  # view 0's examples, then view 1's
+    outputs, new = net.apply({"params": params, "batch_stats": stats}, both, train=True,
+                             views=len(views), mutable=["batch_stats"])
+    outputs = jax.tree.map(lambda a: a.reshape(len(views), -1, *a.shape[1:]), outputs)
+    return outputs, new["batch_stats"]
 
   views_spec = P(None, parallel.DATA_AXIS)
   return parallel.per_device(on_device, mesh, in_specs=(P(), P(), views_spec),
