@@ -1,7 +1,7 @@
 """Two processes x 2 CPU devices (jax.distributed, localhost coordinator, gloo) train to the
 same state as one process on one device, each reading its own half of every batch, and
-their kNN monitor and online probe, sharded over both, report the same accuracies (to one
-near-tie image against one device, whose state agrees only to float rounding). (One
+their kNN monitor and online probe, sharded over both, report the same accuracies (to two
+near-tie images against one device, whose state agrees only to float rounding). (One
 device as the reference: the same run checks sharding and processes at once;
 test_train_step's 8-devices-against-1 test, marked slow, checks the devices alone.)"""
 import json
@@ -70,10 +70,11 @@ def test_two_processes_match_one_device(tmp_path, monitored_folder):
   alone = json.loads(single.stdout.strip().splitlines()[-1])
   # Of the same 256 images, each counted once (a whole number of 256ths). The processes
   # agree exactly; one device trains to their state only up to float rounding (checked
-  # below), which can flip one near-tie image of the kNN or the probe.
+  # below), which can flip near-tie images of the kNN or the probe: two of the kNN's
+  # since both views share one pass (2026-12-06), with the state as far apart as before.
   for key in ("knn_top1", "online_probe_top1"):
     assert reports[0][key] == reports[1][key], (key, reports)
-    assert abs(reports[0][key] - alone[key]) <= 1 / 256, (key, reports, alone)
+    assert abs(reports[0][key] - alone[key]) <= 2 / 256, (key, reports, alone)
     for value in (alone[key], reports[0][key]):
       assert 0 < value < 1 and (value * 256) % 1 == 0, (key, value)
 
