@@ -177,7 +177,7 @@ def _not_yet_ahead(results: dict, preset: str, margin: float) -> list:
              "test images: too short a run to judge by its curves.")
   else:
     first = f"This run pretrained for {epochs:g} epochs, too few to judge by its curves."
-  longer = ("--config=configs/care.py:fmnist_cpu (12 epochs) and, on a GPU, fmnist_gpu "
+  longer = ("--config=configs/care.py:fmnist_cpu (14 epochs) and, on a GPU, fmnist_gpu "
             "(100) are ahead of it" if preset == "fmnist_demo" else "a longer run is needed")
   return [first, f"{epochs:g} epochs are too few for the linear probe to pass random init "
                  f"({100 * margin:+.1f} points); {longer}: docs/fashion_mnist.md has the "
@@ -312,7 +312,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/demo", "Where the demo's runs go.")
   config_flags.DEFINE_config_file(
       "config", None, "configs/care.py:PRESET (default: fmnist_gpu when JAX sees a GPU, "
-      "else fmnist_demo; fmnist_cpu: 12 epochs on a CPU); --config.FIELD=VALUE changes a "
+      "else fmnist_demo; fmnist_cpu: 14 epochs on a CPU); --config.FIELD=VALUE changes a "
       "field (docs/config.md).")
   flags.DEFINE_float("max_pretrain_seconds", 0, "> 0: stop pretraining after this long (a "
                      "checkpoint is saved) and probe what it reached.")
