@@ -153,9 +153,9 @@ def _fmnist_demo(c):
 def _fmnist_cpu(c):
   """The demo's network for 6,560 steps (14 epochs) instead of 200: long enough on a CPU
   for the encoder to pass its random initialisation clearly, sized to finish within 45
-  minutes on the project's 2-core AVX-512 VM (longer on older AVX2 ones:
-  docs/fashion_mnist.md; 12 epochs left one seed short of a 7-point margin).
-  Monitors and checkpoints about every epoch. LARS lr 2 (peak 1 at batch 128), not the
+  minutes on the project's 2-core AVX-512 VM (longer on older AVX2 ones); why 14 and not
+  12: docs/fashion_mnist.md, "Seeing it learn on a CPU".
+  Monitors and checkpoints ten times over the run. LARS lr 2 (peak 1 at batch 128), not the
   demo's 8: over 600 steps it gave a better probe and kNN (docs/fashion_mnist.md,
   "Choosing the CPU recipe").
   """
