@@ -33,9 +33,9 @@ GPU_TEMP_GIB = {"bfloat16": (12.05, 24.01), "float32": (26.34, 52.62)}
 # otherwise.
 FLOAT16_EXCESS = (41.9 - 12.9 + 12.05) / 12.05
 # Bytes per pair of the backward pass's residuals of the same R50 step (`trace`, as the
-# step is since both views share one pass, 2026-12-06; GPU_TEMP_GIB is the step's before,
-# within -1% and +5% of the new one's: docs/scale.md): the unit in which other
-# trunks, widths and image sizes are scaled.
+# step is since both views share one pass; GPU_TEMP_GIB is the step's before, until an
+# H100 measures the new one: docs/scale.md): the unit in which other trunks, widths and
+# image sizes are scaled.
 REFERENCE_RESIDUALS = {"bfloat16": 303_439_360, "float32": 391_262_016}
 # XLA:GPU's temporaries over this model's at 64 bfloat16 pairs (gpu_compile.py --preset;
 # docs/scale.md): the residuals undercount the deeper trunks'.
