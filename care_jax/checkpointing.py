@@ -58,7 +58,14 @@ def manager(workdir, *, keep: int = 3, save_every: int = 1, read_only: bool = Fa
       save_interval_steps=0 if read_only else save_every, read_only=read_only,
       create=not read_only, cleanup_tmp_directories=not read_only,
       preservation_policy=ocp.checkpoint_managers.LatestN(keep))
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  mgr = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # Orbax (0.12) deletes the leftovers of interrupted saves in a thread that close() does
+  # not wait for: a run refused soon after (changed settings) exited with the thread's
+  # traceback and the leftovers still there. Waiting here costs one directory listing.
+  wait_for_cleanup = getattr(mgr, "_maybe_await_cleanup_tmp_directory", None)
+  if wait_for_cleanup is not None:  # absent where orbax cleans up before returning
+    wait_for_cleanup()
+  return mgr
 
 
 def newest_intact_step(workdir) -> int | None:

@@ -262,6 +262,22 @@ def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path, image_folder,
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == steps
 
 
+def test_a_refused_resume_exits_cleanly_and_still_deletes_a_half_written_save(
+    tmp_path, image_folder, pretrained_workdir):
+  """Orbax deletes such leftovers in a thread when the manager opens; a run refused a moment
+  later used to exit while the thread ran, printing its traceback and leaving them."""
+  workdir = tmp_path / "run"
+  shutil.copytree(pretrained_workdir, workdir)
+  leftover = workdir / "checkpoints" / "6.orbax-checkpoint-tmp-17"
+  leftover.mkdir()
+  out = subprocess.run(tiny_run_args(image_folder, workdir, "--config.optimizer.base_lr=0.1"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "optimizer.base_lr: 0.05 -> 0.1" in out.stderr
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert not leftover.exists()
+
+
 def test_only_missing_short_or_undecodable_files_count_as_damage():
   def wrapped(cause):  # as orbax raises TensorStore's errors
     try:
